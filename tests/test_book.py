@@ -1,0 +1,98 @@
+"""Checks on the built book: run after `make pdf` (`make check-pdf`, and `.ci/run`).
+
+The website must work offline and link the PDF; the PDF must have its outline, embedded
+fonts, rendered math and resolved references, and every chapter of `_toc.yml`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+HTML = ROOT / "_build" / "html"
+PDF = ROOT / "_build" / "pdf" / "build-llm-from-scratch.pdf"
+
+pytestmark = pytest.mark.book
+
+
+def toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [c["file"] for c in part.get("chapters", [])]
+    files += [c["file"] for c in toc.get("chapters", [])]
+    return files
+
+
+@pytest.fixture(scope="module")
+def pdf():
+    pypdf = pytest.importorskip("pypdf")
+    assert PDF.exists(), f"{PDF} is missing: run `make pdf` first"
+    return pypdf.PdfReader(str(PDF))
+
+
+@pytest.fixture(scope="module")
+def pdf_text(pdf) -> str:
+    return "\n".join(page.extract_text() or "" for page in pdf.pages)
+
+
+def test_pdf_has_an_outline_with_every_chapter(pdf):
+    titles = [item.title for item in pdf.outline if not isinstance(item, list)]
+    assert "Contents" in titles
+    # Title page + contents + one bookmark per page of the book.
+    assert len(titles) >= len(toc_files()) + 1, titles
+
+
+def test_pdf_has_every_chapter_title(pdf_text):
+    for doc in toc_files():
+        source = (ROOT / f"{doc}.md").read_text()
+        title = re.search(r"^# (.+)$", source, re.M).group(1).strip()
+        words = " ".join(title.split()[:3])
+        assert words in pdf_text.replace("\n", " "), f"chapter {doc!r} ({title!r}) is not in the PDF"
+
+
+def test_pdf_fonts_are_embedded(pdf):
+    for number, page in enumerate(pdf.pages, 1):
+        fonts = page.get("/Resources", {}).get("/Font", {})
+        for name, ref in fonts.items():
+            font = ref.get_object()
+            descriptors = [font.get("/FontDescriptor")]
+            for desc in font.get("/DescendantFonts", []):
+                descriptors.append(desc.get_object().get("/FontDescriptor"))
+            embedded = any(
+                d is not None and any(k in d.get_object() for k in ("/FontFile", "/FontFile2", "/FontFile3"))
+                for d in descriptors
+            )
+            assert embedded, f"page {number}: font {font.get('/BaseFont')} is not embedded"
+
+
+def test_pdf_has_no_raw_tex_or_unresolved_references(pdf_text):
+    for pattern in [r"\\frac", r"\\begin\{", r"\$\$", r"\\\(", r"\?\?", r"\bundefined\b", "Traceback"]:
+        match = re.search(pattern, pdf_text)
+        assert match is None, f"{pattern!r} in the PDF: …{pdf_text[max(0, match.start() - 60):match.end() + 60]}…"
+
+
+def test_pdf_front_matter_is_roman_and_chapters_start_at_page_one(pdf):
+    # The contents page carries a roman folio; the first chapter's first page says 1.
+    texts = [page.extract_text() or "" for page in pdf.pages]
+    contents = next(i for i, t in enumerate(texts) if t.lstrip().startswith("Contents"))
+    assert re.search(r"\b(i|ii|iii|iv|v)\s*$", texts[contents].strip()), texts[contents][-80:]
+    first_chapter = next(i for i, t in enumerate(texts) if re.match(r"\s*CHAPTER 1\b", t))
+    assert re.search(r"\b1\s*$", texts[first_chapter].strip()), texts[first_chapter][-80:]
+
+
+def test_website_exists_links_the_pdf_and_works_offline():
+    index = HTML / "book" / "index.html"
+    assert index.exists(), f"{index} is missing: run `make pdf` first"
+    assert (index.parent / PDF.name).exists(), "the PDF is not copied beside the pages that link it"
+    page = index.read_text()
+    assert PDF.name in page, "the website does not link the PDF"
+    for doc in toc_files():
+        html = (HTML / f"{doc}.html").read_text()
+        assert "cdn.jsdelivr.net" not in html and "cdnjs" not in html, f"{doc} loads from a CDN"
+    assert (HTML / "_static" / "mathjax" / "tex-svg.js").exists(), "MathJax is not vendored"
+    assert (HTML / "searchindex.js").exists(), "the search index is missing"
