@@ -62,9 +62,8 @@ _build/html/.stamp: $(VENV)/.stamp _build/.code-hash book/_static/mathjax/tex-sv
 html: _build/html/.stamp
 	@echo "website: _build/html/index.html"
 
-$(PDF): _build/html/.stamp node_modules/.stamp book/pdf/make_pdf.py book/pdf/print.css | syslibs
-	$(JB) build . --builder custom --custom-builder singlehtml $(JB_FLAGS)
-	$(BIN)/python book/pdf/make_pdf.py _build/singlehtml/index.html $(PDF)
+$(PDF): _build/html/.stamp node_modules/.stamp book/pdf/make_pdf.py book/pdf/print.css book/pdf/tex2svg.js | syslibs
+	$(BIN)/python book/pdf/make_pdf.py _build/html $(PDF)
 	cp $(PDF) _build/html/book/  # beside the pages, whose footers link it
 
 pdf: $(PDF)
