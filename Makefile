@@ -13,6 +13,9 @@ SOURCES := _config.yml _toc.yml $(shell find book code -type f \( -name '*.md' -
 JB_FLAGS := --all -W -n --keep-going
 # Kernel settings for the book (SVG figures): book/_ipython/profile_default.
 export IPYTHONDIR := $(CURDIR)/book/_ipython
+# What the chapters train and download (the tiny model, its tokenizer) lives in _build, so a
+# clean build trains from scratch and a change to code/ retrains.
+export BUILDLLM_CACHE := $(CURDIR)/_build/cache
 
 .PHONY: setup html pdf test bench serve clean html-one check-pdf
 
@@ -36,12 +39,13 @@ node_modules/.stamp: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# System libraries WeasyPrint needs (Pango); installed with apt only when missing and root.
+# System libraries WeasyPrint needs (Pango) and fonts for CJK and emoji the book's fonts lack;
+# installed with apt only when missing and root.
 .PHONY: syslibs
 syslibs:
-	@if ! ldconfig -p | grep -q libpangoft2-1.0; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core; \
-	  else echo "make: WeasyPrint needs Pango (apt-get install libpangoft2-1.0-0)" >&2; exit 1; fi; fi
+	@if ! ldconfig -p | grep -q libpangoft2-1.0 || ! fc-list | grep -q Symbola || ! fc-list | grep -q DroidSansFallback; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libpango-1.0-0 libpangoft2-1.0-0 fontconfig fonts-dejavu-core fonts-droid-fallback fonts-symbola; \
+	  else echo "make: the PDF needs Pango and fallback fonts (apt-get install libpangoft2-1.0-0 fonts-dejavu-core fonts-droid-fallback fonts-symbola)" >&2; exit 1; fi; fi
 
 # ---- book -----------------------------------------------------------------------------
 # The execution cache keys on cell source only: clear it whenever the package changes.
@@ -49,7 +53,7 @@ _build/.code-hash: setup $(shell find code -name '*.py' 2>/dev/null)
 	@mkdir -p _build
 	@new=$$(find code -name '*.py' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); \
 	if [ "$$(cat $@ 2>/dev/null)" != "$$new" ]; then \
-	  echo "code/ changed: clearing the execution cache"; rm -rf _build/.jupyter_cache; echo $$new > $@; fi
+	  echo "code/ changed: clearing the execution cache"; rm -rf _build/.jupyter_cache _build/cache; echo $$new > $@; fi
 
 book/_static/mathjax/tex-svg.js: node_modules/.stamp
 	rm -rf book/_static/mathjax && mkdir -p book/_static/mathjax

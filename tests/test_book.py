@@ -50,49 +50,79 @@ def test_pdf_has_an_outline_with_every_chapter(pdf):
 def test_pdf_has_every_chapter_title(pdf_text):
     for doc in toc_files():
         source = (ROOT / f"{doc}.md").read_text()
-        title = re.search(r"^# (.+)$", source, re.M).group(1).strip()
+        title = re.search(r"^# (.+)$", source, re.MULTILINE).group(1).strip()
         words = " ".join(title.split()[:3])
-        assert words in pdf_text.replace("\n", " "), f"chapter {doc!r} ({title!r}) is not in the PDF"
+        assert words in pdf_text.replace("\n", " "), (
+            f"chapter {doc!r} ({title!r}) is not in the PDF"
+        )
 
 
 def test_pdf_fonts_are_embedded(pdf):
     for number, page in enumerate(pdf.pages, 1):
         fonts = page.get("/Resources", {}).get("/Font", {})
-        for name, ref in fonts.items():
+        for ref in fonts.values():
             font = ref.get_object()
             descriptors = [font.get("/FontDescriptor")]
             for desc in font.get("/DescendantFonts", []):
                 descriptors.append(desc.get_object().get("/FontDescriptor"))
             embedded = any(
-                d is not None and any(k in d.get_object() for k in ("/FontFile", "/FontFile2", "/FontFile3"))
+                d is not None
+                and any(
+                    k in d.get_object()
+                    for k in ("/FontFile", "/FontFile2", "/FontFile3")
+                )
                 for d in descriptors
             )
-            assert embedded, f"page {number}: font {font.get('/BaseFont')} is not embedded"
+            assert embedded, (
+                f"page {number}: font {font.get('/BaseFont')} is not embedded"
+            )
 
 
 def test_pdf_has_no_raw_tex_or_unresolved_references(pdf_text):
-    for pattern in [r"\\frac", r"\\begin\{", r"\$\$", r"\\\(", r"\?\?", r"\bundefined\b", "Traceback"]:
+    for pattern in [
+        r"\\frac",
+        r"\\begin\{",
+        r"\$\$",
+        r"\\\(",
+        r"\?\?",
+        r"\bundefined\b",
+        "Traceback",
+    ]:
         match = re.search(pattern, pdf_text)
-        assert match is None, f"{pattern!r} in the PDF: …{pdf_text[max(0, match.start() - 60):match.end() + 60]}…"
+        assert match is None, (
+            f"{pattern!r} in the PDF: …{pdf_text[max(0, match.start() - 60) : match.end() + 60]}…"
+        )
 
 
 def test_pdf_front_matter_is_roman_and_chapters_start_at_page_one(pdf):
     # The contents page carries a roman folio; the first chapter's first page says 1.
     texts = [page.extract_text() or "" for page in pdf.pages]
     contents = next(i for i, t in enumerate(texts) if t.lstrip().startswith("Contents"))
-    assert re.search(r"\b(i|ii|iii|iv|v)\s*$", texts[contents].strip()), texts[contents][-80:]
-    first_chapter = next(i for i, t in enumerate(texts) if re.match(r"\s*CHAPTER 1\b", t))
-    assert re.search(r"\b1\s*$", texts[first_chapter].strip()), texts[first_chapter][-80:]
+    assert re.search(r"\b(i|ii|iii|iv|v)\s*$", texts[contents].strip()), texts[
+        contents
+    ][-80:]
+    first_chapter = next(
+        i for i, t in enumerate(texts) if re.match(r"\s*CHAPTER 1\b", t)
+    )
+    assert re.search(r"\b1\s*$", texts[first_chapter].strip()), texts[first_chapter][
+        -80:
+    ]
 
 
 def test_website_exists_links_the_pdf_and_works_offline():
     index = HTML / "book" / "index.html"
     assert index.exists(), f"{index} is missing: run `make pdf` first"
-    assert (index.parent / PDF.name).exists(), "the PDF is not copied beside the pages that link it"
+    assert (index.parent / PDF.name).exists(), (
+        "the PDF is not copied beside the pages that link it"
+    )
     page = index.read_text()
     assert PDF.name in page, "the website does not link the PDF"
     for doc in toc_files():
         html = (HTML / f"{doc}.html").read_text()
-        assert "cdn.jsdelivr.net" not in html and "cdnjs" not in html, f"{doc} loads from a CDN"
-    assert (HTML / "_static" / "mathjax" / "tex-svg.js").exists(), "MathJax is not vendored"
+        assert "cdn.jsdelivr.net" not in html and "cdnjs" not in html, (
+            f"{doc} loads from a CDN"
+        )
+    assert (HTML / "_static" / "mathjax" / "tex-svg.js").exists(), (
+        "MathJax is not vendored"
+    )
     assert (HTML / "searchindex.js").exists(), "the search index is missing"

@@ -33,8 +33,8 @@ FONT_CSS = [
     "@fontsource/source-sans-3/400.css",
     "@fontsource/source-sans-3/600.css",
     "@fontsource/source-sans-3/700.css",
-    "@fontsource/jetbrains-mono/400.css",
-    "@fontsource/jetbrains-mono/700.css",
+    "@fontsource/iosevka/400.css",
+    "@fontsource/iosevka/700.css",
 ]
 
 
@@ -50,7 +50,14 @@ def toc_docs(toc_file: Path) -> list[tuple[str, str]]:
             walk(entry.get("sections", []), part)
 
     for part in toc.get("parts", []):
-        kind = "appendix" if "ppendi" in part.get("caption", "") else "main"
+        caption = part.get("caption", "").lower()
+        kind = (
+            "appendix"
+            if "appendi" in caption
+            else "back"
+            if "back" in caption
+            else "main"
+        )
         walk(part.get("chapters", []), kind)
     walk(toc.get("chapters", []), "main")
     return docs
@@ -65,10 +72,18 @@ def load_article(html_dir: Path, docname: str) -> Tag:
     path = html_dir / f"{docname}.html"
     soup = BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
     article = soup.find("article", class_="bd-article")
-    for sel in ["a.headerlink", "button", "details.above-input", ".only-html", "script"]:
+    for sel in [
+        "a.headerlink",
+        "button",
+        "details.above-input",
+        ".only-html",
+        "script",
+    ]:
         for el in article.select(sel):
             el.decompose()
-    for details in article.find_all("details"):  # solutions and other dropdowns print open
+    for details in article.find_all(
+        "details"
+    ):  # solutions and other dropdowns print open
         summary = details.find("summary")
         if summary is not None:
             summary.name = "p"
@@ -154,6 +169,67 @@ def wrap_code(soup: BeautifulSoup, article: Tag) -> None:
             pre.append(line)
 
 
+def font_coverage() -> dict[str, set[int]]:
+    """Return the code points each @font-face family of the book covers."""
+    from fontTools.ttLib import TTFont
+
+    coverage = {}
+    for role, family in [
+        ("serif", "source-serif-4"),
+        ("sans", "source-sans-3"),
+        ("mono", "iosevka"),
+    ]:
+        files = (ROOT / "node_modules" / "@fontsource" / family / "files").glob(
+            "*-400-normal.woff2"
+        )
+        coverage[role] = set().union(*(TTFont(f).getBestCmap() for f in files))
+    return coverage
+
+
+def wrap_uncovered(
+    soup: BeautifulSoup, article: Tag, coverage: dict[str, set[int]]
+) -> None:
+    """Put characters the book's fonts lack (CJK, emoji, rare symbols) in a fallback span.
+
+    WeasyPrint falls back from an @font-face family to a system font inside one text run,
+    but the run's text then cannot be copied from the PDF; a span of its own keeps it whole.
+    """
+    for text in list(article.find_all(string=True)):
+        if text.find_parent(["svg", "style", "script"]) is not None:
+            continue
+        if text.find_parent(["pre", "code", "kbd", "samp"]) is not None:
+            role = "mono"
+        elif (
+            text.find_parent(["h1", "h2", "h3", "h4", "figcaption", "caption"])
+            is not None
+        ):
+            role = "sans"
+        else:
+            role = "serif"
+        chars = coverage[role]
+        value = str(text)
+        if all(ord(c) < 128 or ord(c) in chars for c in value):
+            continue
+        pieces = []
+        for c in value:
+            if ord(c) < 128 or ord(c) in chars or c == "\u200b":
+                if pieces and isinstance(pieces[-1], str):
+                    pieces[-1] += c
+                else:
+                    pieces.append(c)
+            else:
+                span = soup.new_tag(
+                    "span", attrs={"class": f"fallback fallback-{role}"}
+                )
+                span.string = c
+                pieces.append(span)
+        for piece in pieces:
+            text.insert_before(
+                piece if isinstance(piece, Tag) else NavigableString(piece)
+            )
+        text.extract()
+
+
 def render_math(soup: BeautifulSoup, articles: list[Tag]) -> None:
     """Replace every TeX formula with the SVG MathJax renders for it (one node process)."""
     nodes, items = [], []
@@ -164,7 +240,12 @@ def render_math(soup: BeautifulSoup, articles: list[Tag]) -> None:
             if eqno is not None:
                 eqno.extract()
             tex = el.get_text().strip()
-            for left, right in [(r"\(", r"\)"), (r"\[", r"\]"), ("$$", "$$"), ("$", "$")]:
+            for left, right in [
+                (r"\(", r"\)"),
+                (r"\[", r"\]"),
+                ("$$", "$$"),
+                ("$", "$"),
+            ]:
                 if tex.startswith(left) and tex.endswith(right):
                     tex = tex[len(left) : len(tex) - len(right)]
                     break
@@ -234,22 +315,33 @@ def toc_page(soup: BeautifulSoup, chapters: list[tuple[str, Tag, str]]) -> Tag:
 def assemble(html_dir: Path, toc_file: Path, config: dict) -> str:
     docs = toc_docs(toc_file)
     keys = {doc: doc_key(doc) for doc, _ in docs}
-    soup = BeautifulSoup("<!DOCTYPE html><html lang='en'><head></head><body></body></html>", "html.parser")
+    soup = BeautifulSoup(
+        "<!DOCTYPE html><html lang='en'><head></head><body></body></html>",
+        "html.parser",
+    )
     head = soup.head
     head.append(soup.new_tag("meta", charset="utf-8"))
     title = soup.new_tag("title")
     title.string = config.get("title", "")
     head.append(title)
     for css in FONT_CSS:
-        head.append(soup.new_tag("link", rel="stylesheet", href=(ROOT / "node_modules" / css).as_uri()))
+        head.append(
+            soup.new_tag(
+                "link", rel="stylesheet", href=(ROOT / "node_modules" / css).as_uri()
+            )
+        )
     pygments = html_dir / "_static" / "pygments.css"
     for sheet in [pygments, HERE / "print.css"]:
-        head.append(soup.new_tag("link", rel="stylesheet", href=sheet.resolve().as_uri()))
+        head.append(
+            soup.new_tag("link", rel="stylesheet", href=sheet.resolve().as_uri())
+        )
     chapters = []
+    coverage = font_coverage()
     for doc, part in docs:
         article = load_article(html_dir, doc)
         relink(article, keys[doc], doc, keys)
         wrap_code(soup, article)
+        wrap_uncovered(soup, article, coverage)
         chapters.append((keys[doc], article, part))
     render_math(soup, [a for _, a, _ in chapters])
     soup.html["data-theme"] = "light"  # pygments colours apply under the light theme
@@ -271,7 +363,9 @@ def main(argv: list[str]) -> int:
     html_dir, pdf_path = Path(argv[0]), Path(argv[1])
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     html = assemble(html_dir, ROOT / "_toc.yml", config)
-    stamp = hashlib.sha256((html + (HERE / "print.css").read_text()).encode()).hexdigest()
+    stamp = hashlib.sha256(
+        (html + (HERE / "print.css").read_text()).encode()
+    ).hexdigest()
     stamp_file = pdf_path.with_suffix(".sha256")
     if pdf_path.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
         print(f"make_pdf: {pdf_path} is up to date")
@@ -281,7 +375,9 @@ def main(argv: list[str]) -> int:
 
     from weasyprint import HTML
 
-    with tempfile.NamedTemporaryFile(dir=pdf_path.parent, suffix=".pdf", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(
+        dir=pdf_path.parent, suffix=".pdf", delete=False
+    ) as tmp:
         HTML(string=html, base_url=str(html_dir.resolve())).write_pdf(tmp.name)
     os.replace(tmp.name, pdf_path)  # atomic: a failed run never leaves half a PDF
     stamp_file.write_text(stamp)

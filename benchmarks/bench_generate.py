@@ -1,0 +1,156 @@
+"""Decoding speed: tokens/s with and without the KV cache, and against transformers.
+
+For the tiny and gpt2-124m presets (random weights, float32, batch 1, a one-token
+prompt, greedy), it times `buildllm.generate.generate` for 64, 256 and 1024 new tokens
+with the cache and without, and `transformers.GPT2LMHeadModel.generate(use_cache=True)`
+on the same shape in the same process, alternating the two so both see the same load.
+Uncached decoding of the 124M model past 64 tokens would take most of an hour on a
+laptop CPU, so there it is estimated: one uncached step at sequence length L costs one
+forward pass over L tokens; the script times forward passes at a few L, interpolates,
+and sums over L = 1 .. N ("method": "estimated"; `--full` measures it instead).
+
+    python benchmarks/bench_generate.py                 # what `make bench` runs
+    python benchmarks/bench_generate.py --quick         # seconds: tiny, 16 and 64 tokens
+    python benchmarks/bench_generate.py --json out.json --threads 1   # a busy machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from buildllm.generate import generate
+from buildllm.model import GPT, GPTConfig
+
+FULL_UNCACHED_LIMIT = 64  # above this many tokens, uncached 124M decoding is estimated
+GRID = (1, 32, 64, 128, 256, 512, 768, 1024)  # forward lengths timed for the estimate
+
+
+def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Return the fastest of `repeats` timed calls of each function, taking turns.
+
+    Round-robin (ours, theirs, ours, theirs, ...) so that load from other processes
+    hits every contender alike; the fastest run is the least disturbed one.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def hf_model(config: GPTConfig) -> torch.nn.Module:
+    """Return transformers' GPT-2 with `config`'s shape, random weights, eval mode."""
+    import transformers
+
+    from buildllm.hf import config_to_hf
+
+    hf_config = transformers.GPT2Config(
+        **config_to_hf(config),
+        bos_token_id=None,  # no end-of-text token: always exactly N new tokens
+        eos_token_id=None,
+    )
+    return transformers.GPT2LMHeadModel(hf_config).eval()
+
+
+def hf_generate(model: torch.nn.Module, idx: torch.Tensor, n: int) -> None:
+    with torch.inference_mode():
+        out = model.generate(idx, max_new_tokens=n, do_sample=False, use_cache=True,
+                             pad_token_id=0)  # fmt: skip
+    assert out.shape[1] == idx.shape[1] + n
+
+
+def estimate_uncached(model: GPT, lengths: list[int]) -> dict[int, float]:
+    """Return the estimated seconds of uncached greedy decoding of each length N."""
+    grid = [L for L in GRID if L <= max(lengths)]
+    step = []
+    with torch.inference_mode():
+        for L in grid:
+            x = torch.zeros(1, L, dtype=torch.long)
+            forward = {"step": lambda x=x: model(x)[:, -1].argmax(-1)}
+            step.append(best_times(forward, 1)["step"])
+    per_length = np.interp(np.arange(1, max(lengths) + 1), grid, step)  # s per step
+    return {n: float(per_length[:n].sum()) for n in lengths}
+
+
+def bench_preset(preset: str, lengths: list[int], full: bool, hf: bool) -> dict:
+    """Time every decoding path of one preset; return tokens/s per length."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset(preset)
+    model = GPT(config).eval()
+    reference = hf_model(config) if hf else None
+    idx = torch.zeros(1, 1, dtype=torch.long)  # the end-of-text token as the prompt
+    small = config.n_layers * config.d_model < 5000
+    estimated = {} if small or full else estimate_uncached(model, lengths)
+    rows = {}
+    for n in lengths:
+        repeats = 3 if small or n <= 64 else 2
+        contenders = {"cached": lambda n=n: generate(model, idx, n, temperature=0)}
+        if reference is not None and n <= config.context_length:
+            contenders["transformers_cached"] = lambda n=n: hf_generate(
+                reference, idx, n
+            )
+        measure_uncached = small or full or n <= FULL_UNCACHED_LIMIT
+        if measure_uncached:
+            contenders["uncached"] = lambda n=n: generate(
+                model, idx, n, temperature=0, use_cache=False
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            seconds = best_times(contenders, repeats)
+        if not measure_uncached:
+            seconds["uncached"] = estimated[n]
+        row = {name: n / s for name, s in seconds.items()}
+        row["uncached_method"] = "measured" if measure_uncached else "estimated"
+        row["cache_speedup"] = row["cached"] / row["uncached"]
+        if "transformers_cached" in row:
+            row["vs_transformers"] = row["cached"] / row["transformers_cached"]
+        rows[str(n)] = row
+        print(f"{preset} {n}: {json.dumps(row)}", file=sys.stderr, flush=True)
+    return {"tokens_per_s": rows, "params": model.num_params(),
+            "context_length": config.context_length}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=str, default=None, help="write the result here")
+    parser.add_argument("--quick", action="store_true", help="tiny, 16 and 64 tokens")
+    parser.add_argument("--full", action="store_true", help="measure all uncached runs")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice, the cores)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    presets = ["tiny"] if args.quick else ["tiny", "gpt2-124m"]
+    lengths = [16, 64] if args.quick else [64, 256, 1024]
+    results = {
+        preset: bench_preset(preset, lengths, args.full, not args.no_transformers)
+        for preset in presets
+    }
+    payload = {
+        "benchmark": "generate",
+        "setup": "random weights, float32, batch 1, one-token prompt, greedy; "
+        f"{torch.get_num_threads()} torch threads",
+        "targets": {"cache_speedup_at_1024": 5.0, "vs_transformers": 1.0},
+        "results": results,
+    }
+    text = json.dumps(payload, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

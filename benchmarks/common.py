@@ -1,0 +1,33 @@
+"""What the benchmarks share: waiting for the GPU, and the machine's measured matmul peak.
+
+MFU in every benchmark divides model FLOPs by the peak measured here, in the same run, so
+no datasheet is involved: bf16 on CUDA (how models train there), float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work so that wall-clock times are real."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, n: int = 2048, repeats: int = 10) -> float:
+    """Return the best FLOP/s of an n×n by n×n matmul (2n³ FLOPs) over `repeats` tries."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: thread pools, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

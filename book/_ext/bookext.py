@@ -1,0 +1,74 @@
+"""Sphinx additions for the book: lettered appendices and author-year reference labels.
+
+- Appendices are numbered like chapters by Sphinx, then relabelled A, B, ... so that their
+  sections, figures, listings and equations read A.1, Fig. A.2, (A.3) and never share a
+  counter with the preface.
+- The bibliography's labels are "Author et al., Year", matching the author-year citations
+  in the text ("[Vaswani et al., 2017]").
+"""
+
+from __future__ import annotations
+
+import string
+
+from pybtex.plugin import register_plugin
+from pybtex.style.formatting.unsrt import Style as UnsrtStyle
+from pybtex.style.labels import BaseLabelStyle
+from pybtex.style.sorting.author_year_title import SortingStyle
+
+
+class AuthorYearLabels(BaseLabelStyle):
+    """Label an entry by its authors' last names and year, as the citations read."""
+
+    def format_labels(self, sorted_entries):
+        labels = list(self.author_year(sorted_entries))
+        for label in labels:  # same authors and year: 2024a, 2024b, as in print
+            twins = [i for i, other in enumerate(labels) if other == label]
+            if len(twins) > 1 and label is labels[twins[0]]:
+                for letter, i in zip(string.ascii_lowercase, twins):
+                    labels[i] = f"{label}{letter}"
+        yield from labels
+
+    def author_year(self, sorted_entries):
+        for entry in sorted_entries:
+            persons = entry.persons.get("author") or entry.persons.get("editor") or []
+            names = [" ".join(p.last_names) for p in persons]
+            if not names:
+                who = entry.fields.get("organization", entry.key)
+            elif len(names) == 1:
+                who = names[0]
+            elif len(names) == 2:
+                who = f"{names[0]} and {names[1]}"
+            else:
+                who = f"{names[0]} et al."
+            yield f"{who}, {entry.fields.get('year', 'n.d.')}".replace("{", "").replace("}", "")
+
+
+class AuthorYearStyle(UnsrtStyle):
+    """unsrt's entry format, sorted by author and year, with author-year labels."""
+
+    default_label_style = AuthorYearLabels
+    default_sorting_style = SortingStyle
+
+
+register_plugin("pybtex.style.formatting", "authoryear", AuthorYearStyle)
+
+
+def letter_appendices(app, env):
+    """Replace the leading chapter number of each appendix's numbers with its letter."""
+    for letter, doc in zip(string.ascii_uppercase, app.config.appendix_docs):
+        secnumbers = env.toc_secnumbers.get(doc, {})
+        for anchor, number in secnumbers.items():
+            if number:
+                secnumbers[anchor] = (letter, *number[1:])
+        for figtype, numbers in env.toc_fignumbers.get(doc, {}).items():
+            for ident, number in numbers.items():
+                if number:
+                    numbers[ident] = (letter, *number[1:])
+    return []
+
+
+def setup(app):
+    app.add_config_value("appendix_docs", [], "env")
+    app.connect("env-get-updated", letter_appendices, priority=900)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

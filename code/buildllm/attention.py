@@ -1,0 +1,281 @@
+"""Causal self-attention: written out and via SDPA, with RoPE, GQA and a KV cache.
+
+Taught in Chapter 3 (Self-Attention), top to bottom. Differs from GPT-2: separate Q/K/V
+projections (hf.py splits GPT-2's fused `c_attn`), optional rotary position embeddings
+(RoPE), grouped-query attention (fewer key/value heads than query heads) and a
+preallocated KV cache whose position the model, not the layer, advances.
+References: Vaswani et al. 2017 (arXiv:1706.03762); Su et al. 2021 (arXiv:2104.09864);
+Ainslie et al. 2023 (arXiv:2305.13245).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Impl = Literal["manual", "fast"]
+Pairing = Literal["half", "interleaved"]
+
+
+def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> Tensor:
+    """Return the causal mask for `T` new queries that follow `S - T` cached positions.
+
+    Query `i` is at absolute position `S - T + i`; it may attend keys `0 .. S - T + i`.
+    True means "may attend", as in `F.scaled_dot_product_attention`.
+
+    Shapes: -> (T, S), bool.
+    """
+    q_pos = torch.arange(S - T, S, device=device)  # (T,)
+    k_pos = torch.arange(S, device=device)  # (S,)
+    return k_pos[None, :] <= q_pos[:, None]  # (T, S)
+
+
+def attention_weights(q: Tensor, k: Tensor) -> Tensor:
+    """Return the causal attention weights softmax(QKᵀ/√d_k + M), eq-attention.
+
+    Row `i` holds how much query `i` takes from each key; masked keys get exactly 0.
+    Shapes: q (B, H, T, Dh), k (B, H, S, Dh) -> (B, H, T, S), rows summing to 1.
+    """
+    T, S, Dh = q.shape[-2], k.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(Dh)  # (B, H, T, S)
+    mask = causal_mask(T, S, q.device)  # (T, S), True = may attend
+    scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
+    return torch.softmax(scores, dim=-1)  # (B, H, T, S)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    impl: Impl = "manual",
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Compute causal scaled dot-product attention, eq-attention, for every head.
+
+    "manual" writes out scores, mask, softmax and the weighted sum of values; "fast"
+    calls `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPUs).
+    With fewer key/value heads than query heads (GQA) each K/V head serves `H // Hkv`
+    query heads. The T queries are the last T of the S keys (a KV cache holds S - T).
+
+    Shapes: q (B, H, T, Dh), k and v (B, Hkv, S, Dh) -> (B, H, T, Dh).
+    Raises ValueError if H is not a multiple of Hkv or T > S.
+    """
+    H, T = q.shape[1], q.shape[2]
+    Hkv, S = k.shape[1], k.shape[2]
+    if H % Hkv != 0 or T > S:
+        raise ValueError(
+            f"cannot attend {H} query heads over {T} positions to {Hkv} key/value "
+            f"heads over {S} positions; H must be a multiple of Hkv and T <= S"
+        )
+    if Hkv != H:  # GQA: repeat each K/V head for its group of query heads
+        k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
+        v = v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
+    if impl == "fast":
+        # SDPA's is_causal aligns the mask top-left, right only when T == S; a cached
+        # chunk (1 < T < S) needs the offset mask, and a single query needs none.
+        mask = None if T in (1, S) else causal_mask(T, S, q.device)  # (T, S)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=1 < T == S
+        )  # (B, H, T, Dh)
+    attn_weights = attention_weights(q, k)  # (B, H, T, S)
+    if dropout_p > 0.0:
+        attn_weights = F.dropout(attn_weights, p=dropout_p)
+    return attn_weights @ v  # (B, H, T, Dh), eq-attention
+
+
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """Split the last dimension into `n_heads` heads and move heads before positions.
+
+    Shapes: x (B, T, n_heads * Dh) -> (B, n_heads, T, Dh).
+    """
+    B, T, _ = x.shape
+    return x.view(B, T, n_heads, -1).transpose(1, 2)  # (B, H, T, Dh)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """Undo `split_heads`: concatenate the heads of every position.
+
+    Shapes: x (B, H, T, Dh) -> (B, T, H * Dh).
+    """
+    B, H, T, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, D)
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding: turn pairs of q/k features by angles set by position.
+
+    Pair `i` of a head turns by angle `p * rope_base ** (-2i / Dh)` at position `p`, so
+    q·k depends only on the distance between positions (eq-rope). `pairing="half"` pairs
+    feature `i` with `i + Dh/2` (GPT-NeoX, Hugging Face Llama: two contiguous slices,
+    cheap and compatible with their checkpoints); `"interleaved"` pairs `2i` with `2i+1`
+    (the paper and Meta's original Llama). The two are the same rotation applied to
+    permuted features, so a model trained with one is wrong read with the other.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        context_length: int,
+        rope_base: float = 10000.0,
+        pairing: Pairing = "half",
+    ) -> None:
+        super().__init__()
+        if head_dim % 2 != 0:
+            raise ValueError(
+                f"RoPE rotates feature pairs but head_dim={head_dim} is odd; "
+                "choose d_model and n_heads so that d_model / n_heads is even"
+            )
+        if pairing not in ("half", "interleaved"):
+            raise ValueError(f"pairing={pairing!r} must be 'half' or 'interleaved'")
+        self.pairing = pairing
+        self.context_length = context_length
+        inv_freq = rope_base ** (-torch.arange(0, head_dim, 2).double() / head_dim)
+        angles = torch.outer(
+            torch.arange(context_length).double(), inv_freq
+        )  # (Tmax, Dh/2)
+        # Not persistent: derived from the config, so not part of checkpoints.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        """Rotate the features of positions `start .. start + T - 1`.
+
+        Shapes: x (B, H, T, Dh) -> (B, H, T, Dh).
+        Raises ValueError if the positions run past context_length.
+        """
+        T = x.shape[-2]
+        if start + T > self.context_length:
+            raise ValueError(
+                f"RoPE asked for positions {start}..{start + T - 1} but its tables "
+                f"stop at context_length={self.context_length}; build a longer context"
+            )
+        cos = self.cos[start : start + T].to(x.dtype)  # (T, Dh/2)
+        sin = self.sin[start : start + T].to(x.dtype)  # (T, Dh/2)
+        if self.pairing == "half":
+            x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
+            return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, T, Dh/2) each
+        rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return rotated.flatten(-2)  # (B, H, T, Dh), pairs back in place
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for incremental decoding.
+
+    `update(layer_idx, k, v)` writes the new positions at `length` and returns all
+    stored so far; it does not move `length`. The model calls `advance(T)` once after
+    its last block, so all layers of one forward see the same `length`.
+
+    Shapes: storage (n_layers, B, Hkv, max_len, Dh).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store `k`, `v` at positions `length .. length + T - 1`; return all positions.
+
+        Shapes: k, v (B, Hkv, T, Dh) -> k_all, v_all (B, Hkv, length + T, Dh), k.dtype.
+        Raises ValueError if the cache would overflow max_len.
+        """
+        T = k.shape[2]
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache holds {self.length} positions and max_len={self.max_len}, "
+                f"so {T} more do not fit; crop the sequence or call reset()"
+            )
+        self.k[layer_idx, :, :, self.length : end] = k
+        self.v[layer_idx, :, :, self.length : end] = v
+        k_all = self.k[layer_idx, :, :, :end].to(k.dtype)  # (B, Hkv, S, Dh)
+        v_all = self.v[layer_idx, :, :, :end].to(v.dtype)  # (B, Hkv, S, Dh)
+        return k_all, v_all
+
+    def advance(self, T: int) -> None:
+        """Move `length` past the `T` positions every layer has just stored."""
+        self.length += T
+
+    def reset(self) -> None:
+        """Forget every stored position (the storage is reused, not freed)."""
+        self.length = 0
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with optional RoPE, GQA and KV cache.
+
+    Four projections `w_q`, `w_k`, `w_v`, `w_o` (nn.Linear, weights (out, in)); `w_k`
+    and `w_v` make `n_kv_heads` heads (default `n_heads`: plain multi-head attention).
+    `impl` selects the written-out `attention` ("manual") or SDPA ("fast").
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        context_length: int,
+        n_kv_heads: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rope: RoPE | None = None,
+        impl: Impl = "fast",
+        layer_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads != 0 or n_heads % n_kv_heads != 0:
+            raise ValueError(
+                f"d_model={d_model}, n_heads={n_heads}, n_kv_heads={n_kv_heads}: "
+                "d_model must be a multiple of n_heads, and n_heads of n_kv_heads"
+            )
+        if impl not in ("manual", "fast"):
+            raise ValueError(f"impl={impl!r} must be 'manual' or 'fast'")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.context_length = context_length
+        self.dropout = dropout
+        self.impl: Impl = impl
+        self.layer_idx = layer_idx
+        self.w_q = nn.Linear(d_model, d_model, bias=bias)
+        self.w_k = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.w_v = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.w_o = nn.Linear(d_model, d_model, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.rope = rope
+
+    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """Let every position gather information from itself and earlier positions.
+
+        Shapes: x (B, T, D) -> (B, T, D). With a cache, the T new positions follow the
+        kv_cache.length positions already stored and attend to all of them.
+        """
+        q = split_heads(self.w_q(x), self.n_heads)  # (B, H, T, Dh)
+        k = split_heads(self.w_k(x), self.n_kv_heads)  # (B, Hkv, T, Dh)
+        v = split_heads(self.w_v(x), self.n_kv_heads)  # (B, Hkv, T, Dh)
+        start = 0 if kv_cache is None else kv_cache.length
+        if self.rope is not None:
+            q, k = (
+                self.rope(q, start),
+                self.rope(k, start),
+            )  # positions start..start+T-1
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh), S = start+T
+        p = self.dropout if self.training else 0.0
+        y = attention(q, k, v, impl=self.impl, dropout_p=p)  # (B, H, T, Dh)
+        return self.resid_dropout(self.w_o(merge_heads(y)))  # (B, T, D)

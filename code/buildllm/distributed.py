@@ -1,0 +1,323 @@
+"""Where training runs and what it reads: device, precision, processes, batches.
+
+Taught in Chapter 5 (Training, "Mixed precision" and "Scaling up"). `load_data` finds
+a run's tokens and tokenizer; `BatchSource` hands each process its share of every
+step's global batch and remembers the data position for resuming. `torchrun
+--nproc_per_node=N` starts N copies of the same script and sets RANK, LOCAL_RANK and
+WORLD_SIZE; `init_distributed` reads them. DDP keeps a full model per process and
+averages gradients; FSDP (FSDP2's `fully_shard`) splits parameters, gradients and
+optimizer state over the processes.
+References: Li et al. 2020 (arXiv:2006.15704, DDP); Zhao et al. 2023 (arXiv:2304.11277,
+FSDP); Rajbhandari et al. 2020 (arXiv:1910.02054, ZeRO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from buildllm import data, shards
+from buildllm.tokenizer import BPETokenizer
+
+Strategy = Literal["ddp", "fsdp"]
+TOKENIZER = "tokenizer.json"  # a data folder's (and a run's) tokenizer
+VAL_FRACTION = 0.1  # the embedded corpus's last tenth is held out for validation
+DATA_ALIASES = {"fineweb-edu": "fineweb-edu-10B"}  # --data names of shards.DATASETS
+# Dense bf16 tensor-core peaks (vendor data sheets) for MFU; the first name found wins.
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}  # fmt: skip
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Return the device to run on: `device`, or for "auto" cuda, else mps, else cpu."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def peak_flops(device: str) -> float | None:
+    """Return the device's dense bf16 peak FLOP/s from `PEAK_FLOPS`, or None if unknown.
+
+    CPUs vary too much for a table: pass TrainConfig.peak_flops to get an MFU there.
+    """
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, rank on its machine, process count."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process (rank 0) that logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> tuple[DistInfo, str]:
+    """Join torchrun's process group; return (this process's place, its device).
+
+    `device` as `resolve_device`. A single process joins nothing. Under torchrun NCCL
+    links CUDA devices and gloo everything else (CPU, and the tests), and on CUDA each
+    process takes GPU `LOCAL_RANK`.
+    """
+    device = resolve_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo(), device
+    info = DistInfo(
+        rank=int(os.environ["RANK"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=world_size,
+    )
+    if device == "cuda":
+        device = f"cuda:{info.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return info, device
+
+
+def autocast_for(
+    device: str, dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """Return a factory of the autocast context for `device` and `dtype`.
+
+    "auto" means bf16 on CUDA (matmuls in bf16, reductions such as softmax and the loss
+    in float32; bf16 keeps float32's exponent range, so no loss scaling is needed) and
+    float32 elsewhere. On CUDA it also lets float32 matmuls use TF32 tensor cores
+    (Ampere and later): 10 mantissa bits instead of 23, several times faster.
+    """
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    enabled = dtype == "bfloat16" or (dtype == "auto" and kind == "cuda")
+    return lambda: torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
+
+
+def load_data(
+    name: str, vocab_size: int
+) -> tuple[np.ndarray | list[Path], np.ndarray, BPETokenizer]:
+    """Return (training tokens or shard paths, validation tokens, tokenizer).
+
+    `name` is "embedded" (the package's corpus, its last tenth held out, and a BPE
+    tokenizer trained on it with the model's vocab_size; both cached), a folder holding
+    train.bin and val.bin, a folder of shards (`shards.prepare_dataset`), or the name
+    of a dataset in `shards.DATASETS` ("fineweb-edu" for fineweb-edu-10B) prepared into
+    `data.get_cache_dir()/NAME`. A folder's tokenizer is its tokenizer.json, else
+    GPT-2's.
+    Raises FileNotFoundError for missing data, ValueError for a too-large vocabulary.
+    """
+    if name == "embedded":
+        tokenizer = embedded_tokenizer(vocab_size)
+        path = data.get_cache_dir() / f"embedded-{tokenizer.hash[:16]}.bin"
+        if not path.is_file():
+            ids = np.asarray(tokenizer.encode(data.default_corpus()))
+            data.write_tokens(path, ids, tokenizer.vocab_size, tokenizer.hash)
+        tokens = data.load_tokens(path)
+        split = int(len(tokens) * (1 - VAL_FRACTION))
+        return tokens[:split], tokens[split:], tokenizer
+    name = DATA_ALIASES.get(name, name)
+    folder = data.get_cache_dir() / name if name in shards.DATASETS else Path(name)
+    if not folder.is_dir():
+        how = f"prepare it: buildllm data prepare --dataset {name} --out-dir {folder}"
+        if name not in shards.DATASETS:
+            how = "pass --data embedded, or a folder with train.bin and val.bin"
+        raise FileNotFoundError(f"data folder {folder} does not exist; {how}")
+    tokenizer = _tokenizer_of(folder)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the data's tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"only vocab_size={vocab_size}; pick a preset whose vocabulary fits"
+        )
+    if (folder / "train.bin").is_file():
+        train, val = folder / "train.bin", folder / "val.bin"
+    else:
+        train, val = (
+            shards.find_shards(folder, "train"),
+            shards.find_shards(folder, "val")[0],
+        )
+    written_with = data.read_header(val)["tokenizer_hash"]
+    if written_with not in (None, tokenizer.hash):
+        raise ValueError(
+            f"{val} was written with another tokenizer than {folder}'s (its "
+            "tokenizer.json, else GPT-2's); save the one that wrote it as "
+            "tokenizer.json in that folder"
+        )
+    train = data.load_tokens(train) if isinstance(train, Path) else train
+    return train, data.load_tokens(val), tokenizer
+
+
+def embedded_tokenizer(vocab_size: int) -> BPETokenizer:
+    """Return the BPE tokenizer trained on the embedded corpus, cached."""
+    path = data.get_cache_dir() / f"embedded-bpe-{vocab_size}.json"
+    if path.is_file():
+        return BPETokenizer.load(path)
+    tokenizer = BPETokenizer.train(data.default_corpus(), vocab_size, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path)  # atomic: a concurrent reader never sees half a file
+    return tokenizer
+
+
+def _tokenizer_of(folder: Path) -> BPETokenizer:
+    if (folder / TOKENIZER).is_file():
+        return BPETokenizer.load(folder / TOKENIZER)
+    from buildllm.tokenizer import gpt2_tokenizer
+
+    return gpt2_tokenizer()
+
+
+class BatchSource:
+    """Hand this process its micro-batches of every optimizer step's global batch.
+
+    From a token array, every process draws the same global batch of batch_size x
+    grad_accum_steps random windows (`data.get_batch`, one generator seeded alike) and
+    keeps its grad_accum_steps / world_size micro-batches, so the batches, and hence the
+    losses, do not depend on the number of processes. From shards, `ShardLoader` reads
+    consecutive windows, each process its own block. `state_dict()` is the data position
+    a checkpoint stores. Raises ValueError if the processes cannot share equally.
+    """
+
+    def __init__(
+        self,
+        source: np.ndarray | Sequence[Path],
+        batch_size: int,
+        context_length: int,
+        grad_accum_steps: int,
+        info: DistInfo,
+        seed: int,
+    ) -> None:
+        if grad_accum_steps % info.world_size:
+            raise ValueError(
+                f"grad_accum_steps={grad_accum_steps} must be a multiple of the "
+                f"{info.world_size} processes, so that each takes an equal share"
+            )
+        self.batch_size, self.context_length = batch_size, context_length
+        self.grad_accum_steps, self.info = grad_accum_steps, info
+        self.accum_local = grad_accum_steps // info.world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tokens, self.loader = source, None
+        if not isinstance(source, np.ndarray):  # shard paths
+            self.loader = shards.ShardLoader(
+                source, batch_size, context_length, info.rank, info.world_size
+            )
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """Return this process's inputs and targets for the next optimizer step.
+
+        Shapes: -> x, y (accum_local, B, T) int64 on the CPU; y is x shifted by one.
+        """
+        if self.loader is not None:  # shards: each process reads its own block
+            pairs = [self.loader.next_batch() for _ in range(self.accum_local)]
+            x, y = (torch.stack(t) for t in zip(*pairs))  # (accum_local, B, T)
+            return x, y
+        A, B, T = self.grad_accum_steps, self.batch_size, self.context_length
+        x, y = data.get_batch(self.tokens, A * B, T, generator=self.generator)
+        first = self.info.rank * self.accum_local  # this process's first micro-batch
+        share = slice(first, first + self.accum_local)
+        return x.view(A, B, T)[share], y.view(A, B, T)[share]  # (accum_local, B, T)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the data position: the generator's state and the shard position."""
+        shard = self.loader.state_dict() if self.loader is not None else None
+        return {"generator": self.generator.get_state(), "shard": shard}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position `state_dict()` returned."""
+        self.generator.set_state(state["generator"])
+        if self.loader is not None:
+            self.loader.load_state_dict(state["shard"])
+
+
+def wrap_model(model: nn.Module, strategy: Strategy, info: DistInfo) -> nn.Module:
+    """Return `model` ready for data-parallel training with `strategy`.
+
+    With one process nothing is wrapped. "ddp" registers hooks that average gradients
+    over the processes during backward; "fsdp" shards each transformer block (and then
+    the rest) so that a process holds 1/world_size of the weights between uses.
+    Raises ValueError for an unknown strategy.
+    """
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy={strategy!r} must be 'ddp' or 'fsdp'")
+    if info.world_size == 1:
+        return model
+    if strategy == "ddp":
+        on_cuda = next(model.parameters()).is_cuda
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if on_cuda else None
+        )
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)  # gathered just before the block runs, freed after
+    fully_shard(model)  # embeddings, final norm and head
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on micro-steps whose gradients only accumulate.
+
+    DDP and FSDP would otherwise communicate after every micro-step; only the last one
+    before the optimizer step needs the averaged gradient.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def all_reduce_mean(x: Tensor, info: DistInfo) -> Tensor:
+    """Return the mean of `x` over all processes (`x` itself for one process)."""
+    if info.world_size == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / info.world_size
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every process reaches this point (a no-op for one process)."""
+    if info.world_size > 1:
+        dist.barrier()
+
+
+def destroy_distributed(info: DistInfo) -> None:
+    """Leave the process group, if this process joined one."""
+    if info.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the plain model inside `torch.compile` and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)  # compiled: the module it wraps
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
