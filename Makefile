@@ -17,7 +17,7 @@ export IPYTHONDIR := $(CURDIR)/book/_ipython
 # clean build trains from scratch and a change to code/ retrains.
 export BUILDLLM_CACHE := $(CURDIR)/_build/cache
 
-.PHONY: setup html pdf test bench serve clean html-one check-pdf
+.PHONY: setup html pdf test bench serve clean check-pdf
 
 # ---- setup: idempotent; stamps make a second run free --------------------------------
 setup: $(VENV)/.stamp node_modules/.stamp
@@ -73,10 +73,6 @@ $(PDF): _build/html/.stamp node_modules/.stamp book/pdf/make_pdf.py book/pdf/pri
 pdf: $(PDF)
 	@echo "website: _build/html/index.html"
 	@echo "PDF:     $(PDF)"
-
-# Build one chapter alone into /tmp (for writing a chapter quickly): make html-one CH=book/x.md
-html-one: setup book/_static/mathjax/tex-svg.js
-	$(JB) build $(CH) --path-output /tmp/html-one -W -n --keep-going
 
 serve: html
 	@echo "serving http://127.0.0.1:8000 (Ctrl-C stops)"

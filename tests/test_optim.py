@@ -142,3 +142,14 @@ def test_lr_at_warms_up_linearly_then_follows_half_a_cosine():
     assert lr_at(35, **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
     assert lr_at(110, **kw) == pytest.approx(0.1)
     assert lr_at(500, **kw) == pytest.approx(0.1)
+
+
+def test_cross_entropy_keeps_float64_logits_in_float64():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 3))
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    for impl in ("manual", "fast"):
+        loss = cross_entropy(logits, targets, impl=impl)
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-14)

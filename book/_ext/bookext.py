@@ -41,7 +41,9 @@ class AuthorYearLabels(BaseLabelStyle):
                 who = f"{names[0]} and {names[1]}"
             else:
                 who = f"{names[0]} et al."
-            yield f"{who}, {entry.fields.get('year', 'n.d.')}".replace("{", "").replace("}", "")
+            yield f"{who}, {entry.fields.get('year', 'n.d.')}".replace("{", "").replace(
+                "}", ""
+            )
 
 
 class AuthorYearStyle(UnsrtStyle):
@@ -61,7 +63,7 @@ def letter_appendices(app, env):
         for anchor, number in secnumbers.items():
             if number:
                 secnumbers[anchor] = (letter, *number[1:])
-        for figtype, numbers in env.toc_fignumbers.get(doc, {}).items():
+        for numbers in env.toc_fignumbers.get(doc, {}).values():
             for ident, number in numbers.items():
                 if number:
                     numbers[ident] = (letter, *number[1:])

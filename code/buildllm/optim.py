@@ -38,7 +38,7 @@ def cross_entropy(
             f"{tuple(targets.shape)}; targets need the logits' shape without the last "
             "(vocabulary) dimension"
         )
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up
     if impl == "fast":
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     peak = logits.amax(dim=-1, keepdim=True).detach()  # (B, T, 1); keeps exp() finite
