@@ -15,15 +15,13 @@ bf16 matmul; on CPU everything is float32.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-from common import matmul_peak, sync
+from common import bench_parser, matmul_peak, sync
 
 from buildllm.model import GPT, GPTConfig, flops_per_token
 
@@ -92,14 +90,7 @@ def time_preset(preset: str, device: str, steps: int) -> dict[str, dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--json", type=Path, default=None, help="write results here")
-    parser.add_argument("--presets", nargs="*", default=["tiny", "gpt2-124m"])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per case")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser = bench_parser(__doc__, steps=3)
     args = parser.parse_args(argv)
     device = args.device
     if device == "auto":

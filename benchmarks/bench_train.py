@@ -17,7 +17,6 @@ completes) and reports the final validation loss, the number later changes compa
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import matmul_peak, sync
+from common import bench_parser, matmul_peak, sync
 
 from buildllm.data import write_tokens
 from buildllm.distributed import resolve_device
@@ -111,14 +110,7 @@ def quality_run(minutes: float, device: str, folder: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print (and with --json write) one JSON object."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--json", type=Path, default=None, help="write results here")
-    parser.add_argument("--presets", nargs="*", default=["tiny", "gpt2-124m"])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per case")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    parser = bench_parser(__doc__, steps=2)
     parser.add_argument(
         "--quality-minutes", type=float, default=5.0, help="quality run budget; 0: none"
     )

@@ -6,7 +6,9 @@ no datasheet is involved: bf16 on CUDA (how models train there), float32 on CPU.
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,3 +33,16 @@ def matmul_peak(device: str, n: int = 2048, repeats: int = 10) -> float:
         sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def bench_parser(doc: str, steps: int) -> argparse.ArgumentParser:
+    """Return the options of the model benchmarks: --json, --presets, --steps, --device."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write results here")
+    parser.add_argument("--presets", nargs="*", default=["tiny", "gpt2-124m"])
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per case")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    return parser
