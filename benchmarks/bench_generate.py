@@ -3,7 +3,9 @@
 For the tiny and gpt2-124m presets (random weights, float32, batch 1, a one-token
 prompt, greedy), it times `buildllm.generate.generate` for 64, 256 and 1024 new tokens
 with the cache and without, and `transformers.GPT2LMHeadModel.generate(use_cache=True)`
-on the same shape in the same process, alternating the two so both see the same load.
+on the same shape in the same process, alternating them so all see the same load.
+Our model decodes with `matvec_layout` applied, as `buildllm sample` does on a CPU;
+"cached_linear_layout" is the same cached decoding with nn.Linear's own layout.
 Uncached decoding of the 124M model past 64 tokens would take most of an hour on a
 laptop CPU, so there it is estimated: one uncached step at sequence length L costs one
 forward pass over L tokens; the script times forward passes at a few L, interpolates,
@@ -17,6 +19,7 @@ and sums over L = 1 .. N ("method": "estimated"; `--full` measures it instead).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -26,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from buildllm.generate import generate
+from buildllm.generate import generate, matvec_layout
 from buildllm.model import GPT, GPTConfig
 
 FULL_UNCACHED_LIMIT = 64  # above this many tokens, uncached 124M decoding is estimated
@@ -86,7 +89,8 @@ def bench_preset(preset: str, lengths: list[int], full: bool, hf: bool) -> dict:
     """Time every decoding path of one preset; return tokens/s per length."""
     torch.manual_seed(0)
     config = GPTConfig.from_preset(preset)
-    model = GPT(config).eval()
+    plain = GPT(config).eval()
+    model = matvec_layout(copy.deepcopy(plain))
     reference = hf_model(config) if hf else None
     idx = torch.zeros(1, 1, dtype=torch.long)  # the end-of-text token as the prompt
     small = config.n_layers * config.d_model < 5000
@@ -94,7 +98,10 @@ def bench_preset(preset: str, lengths: list[int], full: bool, hf: bool) -> dict:
     rows = {}
     for n in lengths:
         repeats = 3 if small or n <= 64 else 2
-        contenders = {"cached": lambda n=n: generate(model, idx, n, temperature=0)}
+        contenders = {
+            "cached": lambda n=n: generate(model, idx, n, temperature=0),
+            "cached_linear_layout": lambda n=n: generate(plain, idx, n, temperature=0),
+        }
         if reference is not None and n <= config.context_length:
             contenders["transformers_cached"] = lambda n=n: hf_generate(
                 reference, idx, n

@@ -23,6 +23,7 @@ from buildllm.generate import (
     apply_repetition_penalty,
     generate,
     generate_batch,
+    matvec_layout,
     min_p_filter,
     sample_next,
     slide_window,
@@ -250,6 +251,29 @@ def test_cached_and_uncached_generation_give_identical_tokens(overrides, tempera
         for use_cache in (True, False)
     ]  # fmt: skip
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_matvec_layout_changes_strides_only_not_values_logits_or_tokens(tie_embeddings):
+    model = make_model(tie_embeddings=tie_embeddings, mlp="swiglu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        logits = model(idx)
+    tokens = generate(model, idx, 20, temperature=0.0)
+    assert matvec_layout(matvec_layout(model)) is model  # a second call changes nothing
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert list(model.parameters()) == params  # same Parameter objects, still tied
+    assert (model.lm_head.weight is model.tok_emb.weight) == tie_embeddings
+    for name in ["lm_head", "blocks.0.attn.w_qkv", "blocks.0.mlp.w_up"]:
+        weight = model.get_submodule(name).weight  # (out, in), out >= in
+        assert weight.t().is_contiguous() and not weight.is_contiguous(), name
+    assert model.blocks[0].mlp.w_down.weight.is_contiguous()  # out < in: untouched
+    with torch.no_grad():  # the same products, maybe summed in another order
+        torch.testing.assert_close(model(idx), logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(model, idx, 20, temperature=0.0), tokens)
 
 
 def test_window_slides_by_half_a_context_when_the_context_is_full():

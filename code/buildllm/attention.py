@@ -1,9 +1,9 @@
 """Causal self-attention: written out and via SDPA, with RoPE, GQA and a KV cache.
 
-Taught in Chapter 3 (Self-Attention), top to bottom. Differs from GPT-2: separate Q/K/V
-projections (hf.py splits GPT-2's fused `c_attn`), optional rotary position embeddings
-(RoPE), grouped-query attention (fewer key/value heads than query heads) and a
-preallocated KV cache whose position the model, not the layer, advances.
+Taught in Chapter 3 (Self-Attention), top to bottom. Like GPT-2, one fused projection
+makes Q, K and V (one matmul instead of three); beyond GPT-2: optional rotary position
+embeddings (RoPE), grouped-query attention (fewer key/value heads than query heads) and
+a preallocated KV cache whose position the model, not the layer, advances.
 References: Vaswani et al. 2017 (arXiv:1706.03762); Su et al. 2021 (arXiv:2104.09864);
 Ainslie et al. 2023 (arXiv:2305.13245).
 """
@@ -204,8 +204,10 @@ class KVCache:
             )
         self.k[layer_idx, :, :, self.length : end] = k
         self.v[layer_idx, :, :, self.length : end] = v
-        k_all = self.k[layer_idx, :, :, :end].to(k.dtype)  # (B, Hkv, S, Dh)
-        v_all = self.v[layer_idx, :, :, :end].to(v.dtype)  # (B, Hkv, S, Dh)
+        k_all = self.k[layer_idx, :, :, :end]  # (B, Hkv, S, Dh)
+        v_all = self.v[layer_idx, :, :, :end]  # (B, Hkv, S, Dh)
+        if k_all.dtype != k.dtype:  # e.g. a float32 cache under bf16 autocast
+            k_all, v_all = k_all.to(k.dtype), v_all.to(v.dtype)
         return k_all, v_all
 
     def advance(self, T: int) -> None:
@@ -220,8 +222,9 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with optional RoPE, GQA and KV cache.
 
-    Four projections `w_q`, `w_k`, `w_v`, `w_o` (nn.Linear, weights (out, in)); `w_k`
-    and `w_v` make `n_kv_heads` heads (default `n_heads`: plain multi-head attention).
+    Two projections (nn.Linear, weights (out, in)): `w_qkv` stacks W_Q, W_K and W_V,
+    so one matmul makes queries (`n_heads` heads), keys and values (`n_kv_heads`
+    heads each, default `n_heads`: plain multi-head attention); `w_o` mixes the heads.
     `impl` selects the written-out `attention` ("manual") or SDPA ("fast").
     """
 
@@ -252,9 +255,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.impl: Impl = impl
         self.layer_idx = layer_idx
-        self.w_q = nn.Linear(d_model, d_model, bias=bias)
-        self.w_k = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.w_v = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        d_kv = n_kv_heads * self.head_dim
+        self.qkv_sizes = [d_model, d_kv, d_kv]  # the widths of Q, K and V in w_qkv
+        self.w_qkv = nn.Linear(d_model, d_model + 2 * d_kv, bias=bias)
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.rope = rope
@@ -265,9 +268,10 @@ class MultiHeadAttention(nn.Module):
         Shapes: x (B, T, D) -> (B, T, D). With a cache, the T new positions follow the
         kv_cache.length positions already stored and attend to all of them.
         """
-        q = split_heads(self.w_q(x), self.n_heads)  # (B, H, T, Dh)
-        k = split_heads(self.w_k(x), self.n_kv_heads)  # (B, Hkv, T, Dh)
-        v = split_heads(self.w_v(x), self.n_kv_heads)  # (B, Hkv, T, Dh)
+        q, k, v = self.w_qkv(x).split(self.qkv_sizes, dim=-1)  # (B, T, D), (B, T, Dkv)
+        q = split_heads(q, self.n_heads)  # (B, H, T, Dh)
+        k = split_heads(k, self.n_kv_heads)  # (B, Hkv, T, Dh)
+        v = split_heads(v, self.n_kv_heads)  # (B, Hkv, T, Dh)
         start = 0 if kv_cache is None else kv_cache.length
         if self.rope is not None:
             q, k = (

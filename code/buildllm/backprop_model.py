@@ -88,9 +88,9 @@ def attention_layer_forward(
 
     Shapes: x (B, T, D) -> out (B, T, D).
     """
-    q, cache_q = linear_layer_forward(attn.w_q, x)  # (B, T, D)
-    k, cache_k = linear_layer_forward(attn.w_k, x)  # (B, T, Hkv * Dh)
-    v, cache_v = linear_layer_forward(attn.w_v, x)  # (B, T, Hkv * Dh)
+    qkv, cache_qkv = linear_layer_forward(attn.w_qkv, x)  # (B, T, D + 2 * Hkv * Dh)
+    # Copies, not views: a kept view would keep all of qkv alive (activation_bytes).
+    q, k, v = (t.contiguous() for t in qkv.split(attn.qkv_sizes, dim=-1))
     q, _ = bp.split_heads_forward(q, attn.n_heads)  # (B, H, T, Dh)
     k, _ = bp.split_heads_forward(k, attn.n_kv_heads)  # (B, Hkv, T, Dh)
     v, _ = bp.split_heads_forward(v, attn.n_kv_heads)  # (B, Hkv, T, Dh)
@@ -106,16 +106,16 @@ def attention_layer_forward(
     y, cache_attn = bp.attention_forward(q, k, v)  # (B, H, T, Dh)
     y, _ = bp.merge_heads_forward(y)  # (B, T, D)
     out, cache_o = linear_layer_forward(attn.w_o, y)  # (B, T, D)
-    return out, (attn, cache_q, cache_k, cache_v, cache_rope, cache_attn, cache_o)
+    return out, (attn, cache_qkv, cache_rope, cache_attn, cache_o)
 
 
 def attention_layer_backward(dout: Tensor, cache: tuple, grads: Grads) -> Tensor:
     """Backward of `attention_layer_forward`: append weight gradients, return dx.
 
-    x feeds three projections, so its gradient is the sum of three (eq-bp-fork-grad).
-    Shapes: dout (B, T, D) -> dx (B, T, D).
+    Q, K and V are slices of one product, so their gradients are concatenated in the
+    same order and go back through w_qkv together. Shapes: dout (B, T, D) -> dx (B, T, D).
     """
-    attn, cache_q, cache_k, cache_v, cache_rope, cache_attn, cache_o = cache
+    attn, cache_qkv, cache_rope, cache_attn, cache_o = cache
     n_rep = attn.n_heads // attn.n_kv_heads
     dy = linear_layer_backward(dout, cache_o, grads)  # (B, T, D)
     dy = bp.merge_heads_backward(dy, attn.n_heads)  # (B, H, T, Dh)
@@ -127,9 +127,8 @@ def attention_layer_backward(dout: Tensor, cache: tuple, grads: Grads) -> Tensor
     dq = bp.split_heads_backward(dq, attn.n_heads)  # (B, T, D)
     dk = bp.split_heads_backward(dk, attn.n_kv_heads)  # (B, T, Hkv * Dh)
     dv = bp.split_heads_backward(dv, attn.n_kv_heads)  # (B, T, Hkv * Dh)
-    dx = linear_layer_backward(dq, cache_q, grads)  # (B, T, D)
-    dx = dx + linear_layer_backward(dk, cache_k, grads)
-    return dx + linear_layer_backward(dv, cache_v, grads)
+    dqkv = torch.cat([dq, dk, dv], dim=-1)  # (B, T, D + 2 * Hkv * Dh), undoes split
+    return linear_layer_backward(dqkv, cache_qkv, grads)  # (B, T, D)
 
 
 def mlp_layer_forward(mlp: MLP, x: Tensor) -> tuple[Tensor, tuple]:

@@ -673,10 +673,11 @@ def run_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from buildllm.generate import generate_batch, stream_text
+    from buildllm.generate import generate_batch, matvec_layout, stream_text
 
     device = resolve_device(args.device)
     model, tokenizer = load_for_sampling(args, device)
+    matvec_layout(model)  # on a CPU, weights in the layout one-token steps read fastest
     prompts = args.prompt or [""]
     sampling = {
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,

@@ -3,8 +3,8 @@
 Taught in Chapter 7 (pretraining). `load_hf_gpt2` reads GPT-2's published files (or any
 `GPT2LMHeadModel` state dict) into our GPT; `export_hf` writes a folder that
 `transformers.GPT2LMHeadModel.from_pretrained` loads with the same logits. GPT-2 stores
-its projections in `Conv1D` modules, (in, out) where nn.Linear is (out, in), and fuses
-Q, K and V in one `c_attn`: the loader transposes and splits, the exporter undoes both.
+its projections in `Conv1D` modules, (in, out) where nn.Linear is (out, in): the loader
+and the exporter transpose them. Its fused `c_attn` is our `w_qkv`, Q, K, V in order.
 The two tables in this module are the only place Hugging Face's names appear.
 """
 
@@ -36,12 +36,14 @@ HF_GPT2_CONFIG_NAMES = {
 }
 
 # Our state-dict key -> GPT-2's key ({i}: block index), and whether it is a Conv1D
-# weight to transpose. GPT-2's fused "h.{i}.attn.c_attn" is split into w_q, w_k, w_v.
+# weight to transpose.
 HF_GPT2_WEIGHT_NAMES: dict[str, tuple[str, bool]] = {
     "tok_emb.weight": ("wte.weight", False),
     "pos_emb.weight": ("wpe.weight", False),
     "blocks.{i}.norm1.weight": ("h.{i}.ln_1.weight", False),
     "blocks.{i}.norm1.bias": ("h.{i}.ln_1.bias", False),
+    "blocks.{i}.attn.w_qkv.weight": ("h.{i}.attn.c_attn.weight", True),
+    "blocks.{i}.attn.w_qkv.bias": ("h.{i}.attn.c_attn.bias", False),
     "blocks.{i}.attn.w_o.weight": ("h.{i}.attn.c_proj.weight", True),
     "blocks.{i}.attn.w_o.bias": ("h.{i}.attn.c_proj.bias", False),
     "blocks.{i}.norm2.weight": ("h.{i}.ln_2.weight", False),
@@ -53,16 +55,16 @@ HF_GPT2_WEIGHT_NAMES: dict[str, tuple[str, bool]] = {
     "final_norm.weight": ("ln_f.weight", False),
     "final_norm.bias": ("ln_f.bias", False),
 }
-FUSED_QKV = "h.{i}.attn.c_attn"
 HF_LM_HEAD = "lm_head.weight"
-# Our key -> Llama's (LlamaForCausalLM: nn.Linear, nothing to transpose). Used to check
-# the modern preset (RMSNorm, SwiGLU, RoPE with "half" pairing, GQA) against Llama.
-HF_LLAMA_WEIGHT_NAMES = {
+# Our key -> Llama's (LlamaForCausalLM: nn.Linear, nothing to transpose); a tuple of
+# keys is stacked along the output dimension. Used to check the modern preset
+# (RMSNorm, SwiGLU, RoPE with "half" pairing, GQA) against Llama.
+HF_LLAMA_WEIGHT_NAMES: dict[str, str | tuple[str, ...]] = {
     "tok_emb.weight": "model.embed_tokens.weight",
     "blocks.{i}.norm1.weight": "model.layers.{i}.input_layernorm.weight",
-    "blocks.{i}.attn.w_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blocks.{i}.attn.w_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blocks.{i}.attn.w_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blocks.{i}.attn.w_qkv.weight": tuple(
+        f"model.layers.{{i}}.self_attn.{n}_proj.weight" for n in "qkv"
+    ),
     "blocks.{i}.attn.w_o.weight": "model.layers.{i}.self_attn.o_proj.weight",
     "blocks.{i}.norm2.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blocks.{i}.mlp.w_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
@@ -87,7 +89,7 @@ HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
 def gpt2_state_dict_from_hf(hf_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename, transpose and split a GPT-2 state dict into our GPT's keys.
+    """Rename and transpose a GPT-2 state dict into our GPT's keys.
 
     Accepts keys with or without the "transformer." prefix (GPT2LMHeadModel vs the
     published files); drops the stored causal-mask buffers; keeps `lm_head.weight` only
@@ -101,17 +103,6 @@ def gpt2_state_dict_from_hf(hf_state_dict: Mapping[str, Tensor]) -> dict[str, Te
     )
     ours: dict[str, Tensor] = {}
     used = set()
-    for i in range(n_layers):
-        qkv_w, qkv_b = (
-            f"{FUSED_QKV.format(i=i)}.weight",
-            f"{FUSED_QKV.format(i=i)}.bias",
-        )
-        _require(sd, [qkv_w, qkv_b])
-        q, k, v = sd[qkv_w].t().chunk(3, dim=0)  # Conv1D (D, 3D) -> three (D, D)
-        ours |= {f"blocks.{i}.attn.w_{n}.weight": w for n, w in zip("qkv", (q, k, v))}
-        q, k, v = sd[qkv_b].chunk(3)
-        ours |= {f"blocks.{i}.attn.w_{n}.bias": b for n, b in zip("qkv", (q, k, v))}
-        used |= {qkv_w, qkv_b}
     for our_key, (hf_key, transpose) in HF_GPT2_WEIGHT_NAMES.items():
         for i in range(n_layers) if "{i}" in our_key else [0]:
             src = hf_key.format(i=i)
@@ -132,7 +123,7 @@ def gpt2_state_dict_from_hf(hf_state_dict: Mapping[str, Tensor]) -> dict[str, Te
 
 
 def gpt2_state_dict_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename, transpose and fuse our GPT's state dict into GPT2LMHeadModel's keys.
+    """Rename and transpose our GPT's state dict into GPT2LMHeadModel's keys.
 
     The inverse of `gpt2_state_dict_from_hf`; keys get the "transformer." prefix and
     `lm_head.weight` is written only for an untied head.
@@ -141,11 +132,6 @@ def gpt2_state_dict_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
         int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")
     )
     hf: dict[str, Tensor] = {}
-    for i in range(n_layers):
-        qkv = [state_dict[f"blocks.{i}.attn.w_{n}.weight"] for n in "qkv"]
-        hf[f"{FUSED_QKV.format(i=i)}.weight"] = torch.cat(qkv, dim=0).t()  # (D, 3D)
-        qkv_bias = [state_dict[f"blocks.{i}.attn.w_{n}.bias"] for n in "qkv"]
-        hf[f"{FUSED_QKV.format(i=i)}.bias"] = torch.cat(qkv_bias)  # (3D,)
     for our_key, (hf_key, transpose) in HF_GPT2_WEIGHT_NAMES.items():
         for i in range(n_layers) if "{i}" in our_key else [0]:
             w = state_dict[our_key.format(i=i)]
@@ -227,11 +213,12 @@ def llama_state_dict_from_hf(hf_state_dict: Mapping[str, Tensor]) -> dict[str, T
     ours = {}
     for our_key, hf_key in HF_LLAMA_WEIGHT_NAMES.items():
         for i in range(n_layers) if "{i}" in our_key else [0]:
-            src = hf_key.format(i=i)
-            if src == HF_LM_HEAD and src not in hf_state_dict:
+            names = hf_key if isinstance(hf_key, tuple) else (hf_key,)
+            keys = [name.format(i=i) for name in names]
+            if keys == [HF_LM_HEAD] and HF_LM_HEAD not in hf_state_dict:
                 continue  # tied head: the embedding serves
-            _require(hf_state_dict, [src])
-            ours[our_key.format(i=i)] = hf_state_dict[src]
+            _require(hf_state_dict, keys)
+            ours[our_key.format(i=i)] = torch.cat([hf_state_dict[k] for k in keys])
     return ours
 
 
@@ -346,7 +333,7 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> GPTConfig:
         vocab_size=vocab_size,
         context_length=state_dict["pos_emb.weight"].shape[0],
         d_model=d_model,
-        n_layers=sum(k.endswith("attn.w_q.weight") for k in state_dict),
+        n_layers=sum(k.endswith("attn.w_qkv.weight") for k in state_dict),
         n_heads=max(1, d_model // 64),
         d_ff=state_dict["blocks.0.mlp.w_up.weight"].shape[0],
         tie_embeddings="lm_head.weight" not in state_dict,

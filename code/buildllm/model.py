@@ -3,7 +3,8 @@
 Taught in Chapter 2 (the architecture) and Chapter 4 (the transformer block). One
 `GPTConfig` covers GPT-2 (LayerNorm, GELU, learned positions, biases, tied head) and a
 modern style (RMSNorm, SwiGLU, RoPE, no biases, untied head, grouped-query attention).
-Norms and activations are written out; `torch.compile` fuses them on GPUs.
+Norms and activations call PyTorch's fused kernels (one op each, which matters when
+decoding one token at a time); Appendix A writes them out and derives their gradients.
 References: Radford et al. 2019 (GPT-2); Zhang & Sennrich 2019 (arXiv:1910.07467,
 RMSNorm); Shazeer 2020 (arXiv:2002.05202, SwiGLU); Chowdhery et al. 2022 (PaLM, FLOPs).
 """
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from buildllm.attention import Impl, KVCache, MultiHeadAttention, Pairing, RoPE
 
 # SwiGLU's hidden width 8d/3 rounded up to a multiple of 64, which GPU matmuls like.
 SWIGLU_MULTIPLE = 64
-GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 _TINY = {"vocab_size": 4096, "context_length": 128, "d_model": 128, "n_layers": 4}
 _MODERN = {"norm": "rmsnorm", "mlp": "swiglu", "pos": "rope", "bias": False}
@@ -123,7 +124,8 @@ class LayerNorm(nn.Module):
     """Normalise each position to zero mean and unit variance, then scale and shift.
 
     y = (x - mean) / sqrt(var + eps) * weight + bias (eq-layernorm) over the last dim,
-    in float32 at least (as PyTorch's under autocast), returned in x's dtype.
+    with the biased variance. `F.layer_norm` computes it in one pass, accumulating in
+    float32 for bf16 inputs; Appendix A writes it out op by op (`backprop.py`).
     Shapes: x (..., D) -> (..., D).
     """
 
@@ -135,18 +137,14 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise every position. Shapes: x (..., D) -> (..., D)."""
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32
-        mean = x32.mean(dim=-1, keepdim=True)  # (..., 1)
-        var = x32.var(dim=-1, keepdim=True, unbiased=False)  # (..., 1), biased as torch
-        y = (x32 - mean) * torch.rsqrt(var + self.eps) * self.weight  # eq-layernorm
-        return (y if self.bias is None else y + self.bias).to(x.dtype)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
     """Scale each position to unit root-mean-square, then by a learned gain.
 
     y = x / sqrt(mean(x²) + eps) * weight (eq-rmsnorm): LayerNorm without centring or
-    shift; in float32 at least, returned in x's dtype. Shapes: x (..., D) -> (..., D).
+    shift, computed by `F.rms_norm`. Shapes: x (..., D) -> (..., D).
     """
 
     def __init__(self, d_model: int, eps: float = 1e-5) -> None:
@@ -156,29 +154,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise every position. Shapes: x (..., D) -> (..., D)."""
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32
-        ms = x32.square().mean(dim=-1, keepdim=True)  # (..., 1)
-        return (x32 * torch.rsqrt(ms + self.eps) * self.weight).to(x.dtype)
-
-
-def gelu(x: Tensor) -> Tensor:
-    """Apply GPT-2's GELU, the tanh approximation of x·Φ(x) (eq-gelu).
-
-    Same as `F.gelu(x, approximate="tanh")` and Hugging Face's "gelu_new".
-    Shapes: x (...) -> (...).
-    """
-    return 0.5 * x * (1.0 + torch.tanh(GELU_SCALE * (x + 0.044715 * x**3)))
-
-
-def silu(x: Tensor) -> Tensor:
-    """Apply SiLU (swish), x·sigmoid(x), SwiGLU's gate. Shapes: x (...) -> (...)."""
-    return x * torch.sigmoid(x)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class MLP(nn.Module):
     """The position-wise feed-forward network: GELU MLP or SwiGLU.
 
-    "gelu": w_down(gelu(w_up x)) (eq-mlp); "swiglu": w_down(silu(w_gate x) * w_up x)
+    "gelu": w_down(gelu(w_up x)) (eq-mlp) with GPT-2's tanh approximation of GELU
+    (eq-gelu, Hugging Face's "gelu_new"); "swiglu": w_down(silu(w_gate x) * w_up x)
     (eq-swiglu), three matrices instead of two. Shapes: x (B, T, D) -> (B, T, D).
     """
 
@@ -199,9 +182,9 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Transform every position on its own. Shapes: x (B, T, D) -> (B, T, D)."""
         if self.w_gate is None:
-            h = gelu(self.w_up(x))  # (B, T, F)
+            h = F.gelu(self.w_up(x), approximate="tanh")  # (B, T, F), eq-gelu
         else:
-            h = silu(self.w_gate(x)) * self.w_up(x)  # (B, T, F)
+            h = F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, F), eq-swiglu
         return self.dropout(self.w_down(h))  # (B, T, D)
 
 
