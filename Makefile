@@ -48,12 +48,14 @@ syslibs:
 	  else echo "make: the PDF needs Pango and fallback fonts (apt-get install libpangoft2-1.0-0 fonts-dejavu-core fonts-droid-fallback fonts-symbola)" >&2; exit 1; fi; fi
 
 # ---- book -----------------------------------------------------------------------------
-# The execution cache keys on cell source only: clear it whenever the package changes.
-_build/.code-hash: setup $(shell find code -name '*.py' 2>/dev/null)
+# The execution cache keys on cell source only: clear it whenever the package changes, or
+# the benchmark results that Appendix B reads.
+RESULTS := $(wildcard benchmarks/results/*.json)
+_build/.code-hash: setup $(shell find code -name '*.py' 2>/dev/null) $(RESULTS)
 	@mkdir -p _build
-	@new=$$(find code -name '*.py' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); \
+	@new=$$(find code benchmarks/results \( -name '*.py' -o -name '*.json' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); \
 	if [ "$$(cat $@ 2>/dev/null)" != "$$new" ]; then \
-	  echo "code/ changed: clearing the execution cache"; rm -rf _build/.jupyter_cache _build/cache; echo $$new > $@; fi
+	  echo "code/ or benchmark results changed: clearing the execution cache"; rm -rf _build/.jupyter_cache _build/cache; echo $$new > $@; fi
 
 book/_static/mathjax/tex-svg.js: node_modules/.stamp
 	rm -rf book/_static/mathjax && mkdir -p book/_static/mathjax

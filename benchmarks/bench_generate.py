@@ -97,7 +97,7 @@ def bench_preset(preset: str, lengths: list[int], full: bool, hf: bool) -> dict:
     estimated = {} if small or full else estimate_uncached(model, lengths)
     rows = {}
     for n in lengths:
-        repeats = 3 if small or n <= 64 else 2
+        repeats = 5 if small else 3 if n <= 64 else 2
         contenders = {
             "cached": lambda n=n: generate(model, idx, n, temperature=0),
             "cached_linear_layout": lambda n=n: generate(plain, idx, n, temperature=0),

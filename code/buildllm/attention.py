@@ -87,6 +87,14 @@ def attention(
     return attn_weights @ v  # (B, H, T, Dh), eq-attention
 
 
+def make_dropout(p: float) -> nn.Module:
+    """Return `nn.Dropout(p)`, or for p = 0 an `nn.Identity`, which costs less per call.
+
+    Decoding calls the model's dropout modules at every step, in eval mode too.
+    """
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def split_heads(x: Tensor, n_heads: int) -> Tensor:
     """Split the last dimension into `n_heads` heads and move heads before positions.
 
@@ -202,10 +210,10 @@ class KVCache:
                 f"KV cache holds {self.length} positions and max_len={self.max_len}, "
                 f"so {T} more do not fit; crop the sequence or call reset()"
             )
-        self.k[layer_idx, :, :, self.length : end] = k
-        self.v[layer_idx, :, :, self.length : end] = v
-        k_all = self.k[layer_idx, :, :, :end]  # (B, Hkv, S, Dh)
-        v_all = self.v[layer_idx, :, :, :end]  # (B, Hkv, S, Dh)
+        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]  # (B, Hkv, max_len, Dh)
+        k_layer[:, :, self.length : end] = k
+        v_layer[:, :, self.length : end] = v
+        k_all, v_all = k_layer[:, :, :end], v_layer[:, :, :end]  # (B, Hkv, S, Dh)
         if k_all.dtype != k.dtype:  # e.g. a float32 cache under bf16 autocast
             k_all, v_all = k_all.to(k.dtype), v_all.to(v.dtype)
         return k_all, v_all
@@ -259,7 +267,7 @@ class MultiHeadAttention(nn.Module):
         self.qkv_sizes = [d_model, d_kv, d_kv]  # the widths of Q, K and V in w_qkv
         self.w_qkv = nn.Linear(d_model, d_model + 2 * d_kv, bias=bias)
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = make_dropout(dropout)
         self.rope = rope
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:

@@ -3,7 +3,8 @@
 Taught in Chapter 6 (Generation), top to bottom: the logit filters (temperature, top-k,
 top-p, min-p, repetition penalty), one sampling step, the decoding loop with and without
 the KV cache, batched and streamed generation, and text streaming that decodes UTF-8
-split across tokens. Past the context the input window slides by half a context in both
+split across tokens; `matvec_layout` (Appendix B) stores the weights for fast one-token
+steps on a CPU. Past the context the input window slides by half a context in both
 paths, so cached and uncached decoding give the same tokens everywhere.
 References: Holtzman et al. 2019 (arXiv:1904.09751, top-p); Keskar et al. 2019
 (arXiv:1909.05858, repetition penalty); Nguyen et al. 2024 (arXiv:2407.01082, min-p).
@@ -224,7 +225,7 @@ def generate(
             repetition_penalty=repetition_penalty, generator=generator,
         )  # fmt: skip
         for next_token in steps:
-            if new_tokens:
+            if len(stop) and new_tokens:
                 next_token = torch.where(done, new_tokens[-1], next_token)  # (B,)
             new_tokens.append(next_token)
             if len(stop):

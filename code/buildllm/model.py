@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from buildllm.attention import Impl, KVCache, MultiHeadAttention, Pairing, RoPE
+from buildllm.attention import (
+    Impl,
+    KVCache,
+    MultiHeadAttention,
+    Pairing,
+    RoPE,
+    make_dropout,
+)
 
 # SwiGLU's hidden width 8d/3 rounded up to a multiple of 64, which GPU matmuls like.
 SWIGLU_MULTIPLE = 64
@@ -177,7 +184,7 @@ class MLP(nn.Module):
         self.w_up = nn.Linear(d_model, d_ff, bias=bias)
         self.w_gate = nn.Linear(d_model, d_ff, bias=bias) if mlp == "swiglu" else None
         self.w_down = nn.Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = make_dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """Transform every position on its own. Shapes: x (B, T, D) -> (B, T, D)."""
@@ -225,7 +232,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         learned = c.pos == "learned"
         self.pos_emb = nn.Embedding(c.context_length, c.d_model) if learned else None
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = make_dropout(c.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(c, i) for i in range(c.n_layers))
         self.final_norm = make_norm(c)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -264,9 +271,8 @@ class GPT(nn.Module):
         check_token_ids(idx, self.config.context_length, start)
         T = idx.shape[1]
         x = self.tok_emb(idx)  # (B, T, D)
-        if self.pos_emb is not None:
-            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-            x = x + self.pos_emb(pos)  # (B, T, D), broadcast over the batch
+        if self.pos_emb is not None:  # rows start .. start + T - 1 of the table
+            x = x + self.pos_emb.weight[start : start + T]  # (B, T, D), broadcast
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, kv_cache)  # (B, T, D)

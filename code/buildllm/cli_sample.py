@@ -1,0 +1,271 @@
+"""The `buildllm sample` and `buildllm eval` commands: use and measure a model.
+
+Part of the command line (`cli.py` registers these parsers): `sample` loads a
+`buildllm train` checkpoint or GPT-2's Hugging Face weights and streams or batches
+completions (Chapter 6); `eval` scores HellaSwag or validation loss (Chapter 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from buildllm.cli_data import load_tokenizer
+
+if TYPE_CHECKING:  # torch loads only when a command runs: `--help` stays quick
+    from buildllm.model import GPT
+    from buildllm.tokenizer import BPETokenizer
+
+
+# ---------------------------------------------------------------- sample
+def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="continue a prompt with a trained model, printing tokens as they come",
+        description="Load a model trained by `buildllm train` (--checkpoint) or GPT-2 "
+        "weights in Hugging Face's format\n(--hf-checkpoint) and continue each prompt. "
+        "One prompt streams to stdout as it is generated;\nseveral decode as a batch. "
+        "Decoding uses the KV cache unless --no-cache. A prompt longer than\nthe "
+        "context keeps its last context_length tokens (with a warning); past the "
+        "context the\nwindow slides by half a context.",
+        epilog="examples:\n"
+        '  buildllm sample --checkpoint runs/tiny --prompt "def main("\n'
+        "  buildllm sample --checkpoint runs/tiny --temperature 0.8 --top-p 0.95 "
+        "--max-new-tokens 100 --stop $'\\n\\n'\n"
+        "  buildllm sample --hf-checkpoint ~/gpt2 --prompt Hello --top-k 40 --seed 1\n"
+        '  buildllm sample --checkpoint runs/tiny --prompt "A" --prompt "The" --json',
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="a run's out_dir, a checkpoint folder or its weights file",
+    )
+    source.add_argument(
+        "--hf-checkpoint",
+        metavar="PATH",
+        help="GPT-2 in Hugging Face's format: folder or weights file",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="tokenizer file (BPETokenizer.save) or 'gpt2'; default: the "
+        "run's own, or the folder's vocab.json + merges.txt, or GPT-2's",
+    )
+    p.add_argument("--prompt", action="append", help="text to continue (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass to keep")
+    p.add_argument("--min-p", type=float, default=None, help="drop p < min_p * p_max")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats"
+    )
+    p.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
+    p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode with the KV cache")  # fmt: skip
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="auto: cuda, then mps, then cpu",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object at the end"
+    )
+    p.set_defaults(handler=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from buildllm.generate import generate_batch, matvec_layout, stream_text
+
+    model, tokenizer = load_for_sampling(args)
+    device = next(model.parameters()).device
+    matvec_layout(model)  # on a CPU, weights in the layout one-token steps read fastest
+    prompts = args.prompt or [""]
+    sampling = {
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+        "use_cache": args.cache,
+        "generator": torch.Generator(device).manual_seed(args.seed),
+    }  # fmt: skip
+    start = time.perf_counter()
+    if len(prompts) == 1 and not args.json:  # stream: print each piece as it comes
+        sys.stdout.write(prompts[0])
+        for piece in stream_text(model, tokenizer, prompts[0], args.max_new_tokens,
+                                 stop=args.stop, **sampling):  # fmt: skip
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(f"sampled in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        return 0
+    eot = [] if tokenizer.eot_id is None else [tokenizer.eot_id]
+    ids = [tokenizer.encode(p, allowed_special="all") or eot for p in prompts]
+    if not all(ids):
+        raise ValueError("an empty prompt needs a tokenizer with <|endoftext|>")
+    texts = []
+    for new in generate_batch(model, ids, args.max_new_tokens, stop_tokens=eot,
+                              **sampling):  # fmt: skip
+        text = tokenizer.decode(new)
+        cuts = [text.find(s) for s in args.stop if s in text]
+        texts.append(text[: min(cuts)] if cuts else text)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(
+            json.dumps({"prompts": prompts, "completions": texts, "seconds": seconds})
+        )
+    else:
+        print("\n\n".join(p + t for p, t in zip(prompts, texts)))
+    return 0
+
+
+def load_cli_model(checkpoint: str | None, hf: str | None, device: str) -> GPT:
+    """Return the model of `--checkpoint` (a `buildllm train` run) or of `--hf`."""
+    from buildllm.distributed import resolve_device
+
+    device = resolve_device(device)
+    if hf:
+        from buildllm.hf import load_hf_gpt2
+
+        return load_hf_gpt2(hf).to(device)
+    from buildllm.checkpoint import load_model
+
+    return load_model(checkpoint, device=device)
+
+
+def load_for_sampling(args: argparse.Namespace) -> tuple[GPT, BPETokenizer]:
+    """Return (model, tokenizer) for `buildllm sample`, checking that they fit."""
+    model = load_cli_model(args.checkpoint, args.hf_checkpoint, args.device)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif args.hf_checkpoint:
+        from buildllm.hf_tokenizer import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(args.hf_checkpoint)
+    else:
+        tokenizer = run_tokenizer(args.checkpoint)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained with "
+            "(--tokenizer FILE)"
+        )
+    return model, tokenizer
+
+
+def run_tokenizer(checkpoint: str) -> BPETokenizer:
+    """Return the tokenizer a `buildllm train` run saved beside its checkpoints."""
+    from pathlib import Path
+
+    from buildllm.distributed import TOKENIZER
+    from buildllm.tokenizer import BPETokenizer
+
+    path = Path(checkpoint)
+    folder = path.parent if path.is_file() else path
+    run_dir = folder.parent.parent  # <out_dir>/checkpoints/step-N -> <out_dir>
+    found = [p for p in (folder / TOKENIZER, run_dir / TOKENIZER) if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"no {TOKENIZER} in {folder} or in its run folder {run_dir}, so the "
+            "model's tokenizer is unknown; pass --tokenizer FILE (or --tokenizer gpt2)"
+        )
+    return BPETokenizer.load(found[0])
+
+
+# ---------------------------------------------------------------- eval
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="measure a model: HellaSwag accuracy or validation loss and perplexity",
+        description="Score a trained checkpoint, or the published GPT-2 weights, on\n"
+        "HellaSwag (the ending with the highest mean token log-likelihood wins:\n"
+        "acc_norm; GPT-2 124M scores about 0.29) or on held-out token shards (loss\n"
+        "and perplexity).",
+        epilog="examples:\n"
+        "  buildllm eval --checkpoint runs/gpt2-124m --task hellaswag\n"
+        "  buildllm eval --checkpoint runs/gpt2-124m --task val \\\n"
+        "      --data data/fineweb-edu-10B\n"
+        "  buildllm eval --hf gpt2/ --task hellaswag --limit 1000 --json",
+    )
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--checkpoint", help="a run's out_dir, checkpoint folder or weights"
+    )
+    model.add_argument("--hf", help="Hugging Face GPT-2 folder or model.safetensors")
+    p.add_argument("--task", choices=["hellaswag", "val"], default="hellaswag",
+                   help="hellaswag: accuracy on its 10,042 validation examples; "
+                   "val: loss and perplexity on --data")  # fmt: skip
+    p.add_argument("--hellaswag-path", default=None,
+                   help="official hellaswag_val.jsonl; None: download")  # fmt: skip
+    p.add_argument("--data", default=None,
+                   help="--task val: a shards folder or a token file")  # fmt: skip
+    p.add_argument(
+        "--tokenizer", default=None, help="a saved BPETokenizer; None: GPT-2's"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="score only the first N examples"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="--task val: sequences per batch"
+    )
+    p.add_argument(
+        "--max-batches", type=int, default=None, help="--task val: stop after N"
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto picks cuda, then mps, then cpu")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from buildllm import evaluate
+
+    model = load_cli_model(args.checkpoint, args.hf, args.device)
+    device = next(model.parameters()).device
+    result: dict[str, object] = {"task": args.task}
+    if args.task == "hellaswag":
+        tok = load_tokenizer(args.tokenizer or "gpt2")
+        if tok.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tok.vocab_size} ids but the model "
+                f"{model.config.vocab_size}; pass the run's tokenizer with --tokenizer"
+            )
+        examples = evaluate.load_hellaswag(args.hellaswag_path)
+        result |= evaluate.evaluate_hellaswag(model, tok, examples, device, args.limit)
+    else:
+        from pathlib import Path
+
+        from buildllm.data import load_tokens
+        from buildllm.shards import find_shards
+
+        if args.data is None:
+            raise ValueError("--task val needs --data: a shards folder or a token file")
+        path = Path(args.data)
+        if path.is_dir():
+            path = (
+                path / "val.bin"
+                if (path / "val.bin").is_file()
+                else find_shards(path, "val")[0]
+            )
+        tokens = load_tokens(path)
+        T = model.config.context_length
+        loss = evaluate.evaluate_loss(model, tokens, T, args.batch_size, args.max_batches,
+                                      device)  # fmt: skip
+        result |= {"val_loss": loss, "perplexity": evaluate.perplexity(loss)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(
+                f"{key:>12}: {value:.4f}"
+                if isinstance(value, float)
+                else f"{key:>12}: {value}"
+            )
+    return 0
