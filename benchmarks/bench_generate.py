@@ -1,7 +1,9 @@
 """Decoding speed: tokens/s with and without the KV cache, and against transformers.
 
-For the tiny and gpt2-124m presets (random weights, float32, batch 1, a one-token
-prompt, greedy), it times `buildllm.generate.generate` for 64, 256 and 1024 new tokens
+For the tiny and gpt2-124m presets, and the tiny preset with a 1024-token context
+("tiny-ctx1024": past its 128-token context the tiny model re-encodes at most 128 tokens
+per uncached step, so there the cache's advantage stops growing), with random weights,
+float32, batch 1, a one-token prompt and greedy decoding, it times `buildllm.generate.generate` for 64, 256 and 1024 new tokens
 with the cache and without, and `transformers.GPT2LMHeadModel.generate(use_cache=True)`
 on the same shape in the same process, alternating them so all see the same load.
 Our model decodes with `matvec_layout` applied, as `buildllm sample` does on a CPU;
@@ -32,6 +34,11 @@ import torch
 from buildllm.generate import generate, matvec_layout
 from buildllm.model import GPT, GPTConfig
 
+SHAPES = {  # benchmark name -> (preset, overrides)
+    "tiny": ("tiny", {}),
+    "tiny-ctx1024": ("tiny", {"context_length": 1024}),
+    "gpt2-124m": ("gpt2-124m", {}),
+}
 FULL_UNCACHED_LIMIT = 64  # above this many tokens, uncached 124M decoding is estimated
 GRID = (1, 32, 64, 128, 256, 512, 768, 1024)  # forward lengths timed for the estimate
 
@@ -85,10 +92,11 @@ def estimate_uncached(model: GPT, lengths: list[int]) -> dict[int, float]:
     return {n: float(per_length[:n].sum()) for n in lengths}
 
 
-def bench_preset(preset: str, lengths: list[int], full: bool, hf: bool) -> dict:
-    """Time every decoding path of one preset; return tokens/s per length."""
+def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
+    """Time every decoding path of one of SHAPES; return tokens/s per length."""
     torch.manual_seed(0)
-    config = GPTConfig.from_preset(preset)
+    preset, overrides = SHAPES[name]
+    config = GPTConfig.from_preset(preset, **overrides)
     plain = GPT(config).eval()
     model = matvec_layout(copy.deepcopy(plain))
     reference = hf_model(config) if hf else None
@@ -122,7 +130,7 @@ def bench_preset(preset: str, lengths: list[int], full: bool, hf: bool) -> dict:
         if "transformers_cached" in row:
             row["vs_transformers"] = row["cached"] / row["transformers_cached"]
         rows[str(n)] = row
-        print(f"{preset} {n}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        print(f"{name} {n}: {json.dumps(row)}", file=sys.stderr, flush=True)
     return {"tokens_per_s": rows, "params": model.num_params(),
             "context_length": config.context_length}  # fmt: skip
 
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    presets = ["tiny"] if args.quick else ["tiny", "gpt2-124m"]
+    presets = ["tiny"] if args.quick else list(SHAPES)
     lengths = [16, 64] if args.quick else [64, 256, 1024]
     results = {
         preset: bench_preset(preset, lengths, args.full, not args.no_transformers)
