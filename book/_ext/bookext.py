@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import string
 
+from docutils import nodes
 from pybtex.plugin import register_plugin
 from pybtex.style.formatting.unsrt import Style as UnsrtStyle
 from pybtex.style.labels import BaseLabelStyle
@@ -67,6 +68,10 @@ def letter_appendices(app, env):
             for ident, number in numbers.items():
                 if number:
                     numbers[ident] = (letter, *number[1:])
+        # The sidebar and the page's contents list read the numbers off the toc nodes.
+        for ref in env.tocs[doc].findall(nodes.reference) if doc in env.tocs else ():
+            if ref.get("secnumber"):
+                ref["secnumber"] = (letter, *ref["secnumber"][1:])
     return []
 
 
