@@ -24,6 +24,7 @@ from buildllm.model import (
     closed_form_num_params,
     count_params,
     flops_per_token,
+    kv_cache_bytes_per_token,
 )
 
 SMALL = {
@@ -187,6 +188,17 @@ def test_init_follows_gpt2_residual_projections_scaled_by_inverse_sqrt_2l():
     assert torch.all(block.attn.w_qkv.bias == 0) and torch.all(block.mlp.w_up.bias == 0)
     assert torch.all(block.norm1.weight == 1) and torch.all(block.norm2.bias == 0)
     assert model.lm_head.weight is model.tok_emb.weight
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-124m", "modern"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_bytes_per_token_equals_the_caches_storage(preset, dtype):
+    config = GPTConfig.from_preset(preset)
+    with torch.device("meta"):  # shapes only
+        model = GPT(config)
+    cache = model.to(dtype).new_kv_cache(batch_size=3, max_len=40)
+    per_token = kv_cache_bytes_per_token(config, dtype.itemsize)
+    assert cache.k.nbytes + cache.v.nbytes == 3 * 40 * per_token
 
 
 # ---------------------------------------------------------------- forward

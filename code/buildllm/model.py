@@ -387,3 +387,13 @@ def flops_per_token(
     n_matmul = c.n_layers * (2 * D * D + 2 * D * d_kv + m * D * F) + D * c.vocab_size
     forward = 2 * n_matmul + (4 * c.n_layers * T * D if include_attention else 0)
     return 3 * forward if training else forward
+
+
+def kv_cache_bytes_per_token(config: GPTConfig, bytes_per_number: int = 4) -> int:
+    """Return the bytes a KV cache holds per token of one sequence (eq-kv-memory).
+
+    A key and a value of head_dim numbers per layer and key/value head,
+    2·L·h_kv·d_k·b, with b = 4 bytes per number in float32 and 2 in bf16.
+    """
+    n_kv_heads = config.n_kv_heads or config.n_heads
+    return 2 * config.n_layers * n_kv_heads * config.head_dim * bytes_per_number
