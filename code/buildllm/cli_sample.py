@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from buildllm.cli_data import load_tokenizer
 
-if TYPE_CHECKING:  # torch loads only when a command runs: `--help` stays quick
+if TYPE_CHECKING:  # type hints only: each command imports what it runs
     from buildllm.model import GPT
     from buildllm.tokenizer import BPETokenizer
 
