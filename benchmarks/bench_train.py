@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from common import bench_parser, matmul_peak, sync
 
+from buildllm.corpora import EMBEDDED
 from buildllm.data import write_tokens
 from buildllm.distributed import resolve_device
 from buildllm.train import TrainConfig, Trainer
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 preset, batch_size=batch_size, grad_accum_steps=accum, device=device,
                 compile=False, sample_tokens=None, max_steps=10**6,
             )  # fmt: skip
-            if config.data != "embedded":  # no FineWeb here: random ids, same speed
+            if config.data not in EMBEDDED:  # no FineWeb here: random ids, same speed
                 (folder / preset).mkdir()
                 config = replace(config, data=random_data(folder / preset, 50257))
             for impl in ("manual", "fast"):

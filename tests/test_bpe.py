@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from buildllm import bpe
-from buildllm.data import default_corpus
+from buildllm.corpora import default_corpus
 from buildllm.tokenizer import (
     GPT2_PATTERN,
     GPT4_PATTERN,

@@ -18,9 +18,9 @@ import torch
 
 from buildllm import bpe, data
 from buildllm.cli import build_parser, main
+from buildllm.corpora import default_corpus
 from buildllm.data import (
     Corpus,
-    default_corpus,
     download,
     download_url,
     get_batch,
@@ -38,8 +38,8 @@ PAYLOAD = bytes(range(256)) * 64  # 16 KiB: several reads, and every byte value
 # ---------------------------------------------------------------- default corpus
 
 
-def test_default_corpus_is_the_listed_stdlib_modules_in_order():
-    text = default_corpus()
+def test_stdlib_corpus_is_the_listed_modules_in_order():
+    text = default_corpus("stdlib")
     names = (CORPUS_DIR / "SOURCES.txt").read_text().split()
     headers = [line for line in text.splitlines() if line.startswith("# file: ")]
     assert [h.split()[2] for h in headers] == names
@@ -122,7 +122,7 @@ def test_prepare_writes_tiktokens_ids_split_into_train_and_val(
     tmp_path, gpt2_encoding, monkeypatch, workers, impl
 ):
     monkeypatch.setattr(bpe, "CHUNK_CHARS", 4096)
-    docs = [default_corpus()[:30_000], "tail <|endoftext|> text"]
+    docs = [default_corpus("stdlib")[:30_000], "tail <|endoftext|> text"]
     expected = [
         i
         for doc in docs
@@ -207,7 +207,7 @@ def test_unknown_names_and_unreachable_servers_raise_clear_errors(
 
 def test_cli_trains_and_encodes_like_the_library(tmp_path, capsys, gpt2_encoding):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(default_corpus()[:20_000], encoding="utf-8")
+    corpus.write_text(default_corpus("stdlib")[:20_000], encoding="utf-8")
     out = tmp_path / "tok.json"
     args = ["tokenize", "train", "--input", str(corpus), "--vocab-size", "300"]
     assert main([*args, "--output", str(out), "--workers", "1", "--json"]) == 0

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from buildllm.data import default_corpus
+from buildllm.corpora import default_corpus
 from buildllm.tokenizer import BPETokenizer, bytes_to_unicode, gpt2_tokenizer
 
 VARIED = [
@@ -42,7 +42,7 @@ def test_encode_matches_tiktoken_gpt2_on_varied_text(text, gpt2_encoding):
 
 
 def test_encode_matches_tiktoken_gpt2_on_python_source(gpt2_encoding):
-    text = default_corpus()[:100_000]
+    text = default_corpus("stdlib")[:100_000]
     assert gpt2_tokenizer().encode(text) == gpt2_encoding.encode(text)
 
 
@@ -70,7 +70,7 @@ def test_lone_surrogates_encode_as_the_replacement_character_like_tiktoken(
 def test_encode_batch_and_encode_iterable_match_tiktoken(gpt2_encoding, tmp_path):
     texts = VARIED[:8]
     assert gpt2_tokenizer().encode_batch(texts) == gpt2_encoding.encode_batch(texts)
-    text = default_corpus()[:150_000]  # spans several 64 Ki-character chunks
+    text = default_corpus("stdlib")[:150_000]  # spans several 64 Ki-character chunks
     path = tmp_path / "big.txt"
     path.write_text(text, encoding="utf-8", newline="")
     with path.open(encoding="utf-8", newline="") as lines:

@@ -312,3 +312,75 @@ def test_batch_source_over_shards_gives_each_process_consecutive_windows(tmp_pat
         for r in range(2)
     ]
     assert sorted(torch.cat(parts).reshape(-1).tolist()) == ids[:32].tolist()
+
+
+def test_embedded_data_is_the_training_and_validation_works_with_end_of_text():
+    from buildllm import corpora
+    from buildllm.distributed import load_data
+
+    train, val, tokenizer = load_data("shakespeare", vocab_size=512)
+    assert tokenizer.vocab_size == 512
+    val_docs = corpora.documents("shakespeare", "val")
+    # tiktoken's GPT-2 pattern with our merges is an independent encoder of the works
+    enc = tokenizer.to_tiktoken()
+    expected = [
+        i for d in val_docs for i in enc.encode_ordinary(d) + [tokenizer.eot_id]
+    ]
+    assert val.tolist() == expected
+    assert int((np.asarray(train) == tokenizer.eot_id).sum()) == len(
+        corpora.documents("shakespeare", "train")
+    )
+    assert load_data("embedded", vocab_size=512)[2].hash == tokenizer.hash
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", True),  # Arm
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n", False),  # AVX2 only
+        ("processor\t: 0\nflags\t\t: fpu avx512f avx512bw\n", False),  # no BF16
+    ],
+)
+def test_auto_dtype_uses_bf16_autocast_exactly_on_cpus_with_native_bf16(
+    tmp_path, monkeypatch, cpuinfo, expected
+):
+    from buildllm import distributed
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(cpuinfo)
+    real_path = distributed.Path
+    monkeypatch.setattr(
+        distributed, "Path", lambda p: fake if p == "/proc/cpuinfo" else real_path(p)
+    )
+    assert distributed.cpu_has_bf16() is expected
+    with distributed.autocast_for("cpu", "auto")():
+        y = torch.randn(4, 4) @ torch.randn(4, 4)
+    assert y.dtype == (torch.bfloat16 if expected else torch.float32)
+    with distributed.autocast_for("cpu", "float32")():
+        assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.float32
+
+
+def test_a_short_shakespeare_run_lowers_the_loss_and_reports_bits_per_byte(tmp_path):
+    from buildllm.evaluate import bits_per_byte, bytes_per_token
+
+    config = replace(
+        SMALL,
+        out_dir=str(tmp_path),
+        batch_size=8,
+        max_steps=30,
+        eval_interval=30,
+        max_lr=3e-3,
+    )
+    trainer = Trainer(config, progress=False)
+    records = trainer.fit()
+    assert records[-1]["val_loss"] < records[0]["val_loss"] - 1.0
+    # bytes per token counted from the decoded text, independently of the tokenizer
+    val = np.asarray(trainer.val_tokens)
+    text = trainer.tokenizer.decode(val[val != trainer.tokenizer.eot_id].tolist())
+    per_token = len(text.encode("utf-8")) / len(val)
+    assert bytes_per_token(val, trainer.tokenizer) == pytest.approx(per_token)
+    expected = records[-1]["val_loss"] / math.log(2) / per_token
+    assert records[-1]["val_bpb"] == pytest.approx(expected, rel=1e-6)
+    assert bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)

@@ -44,8 +44,8 @@ def add_tokenize_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="FILE",
         default=None,
-        help="UTF-8 text files, each a document; default: the embedded "
-        "corpus (buildllm.data.default_corpus)",
+        help="UTF-8 text files, each a document; default: the training works of "
+        "the embedded Shakespeare corpus (buildllm.corpora)",
     )
     t.add_argument(
         "--vocab-size",
@@ -127,10 +127,10 @@ def run_tokenize_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from buildllm.data import default_corpus
+    from buildllm.corpora import documents
     from buildllm.tokenizer import ENDOFTEXT, BPETokenizer
 
-    source = [Path(f) for f in args.input] if args.input else default_corpus()
+    source = [Path(f) for f in args.input] if args.input else documents(split="train")
     start = time.perf_counter()
     tokenizer = BPETokenizer.train(
         source,
@@ -241,8 +241,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         "--corpus",
         nargs="+",
         default=["default"],
-        help="'default' (the embedded corpus), a name from `buildllm data "
-        "list` (downloaded first), or UTF-8 text files",
+        help="'default' or 'shakespeare' (the embedded plays and poems), 'stdlib' "
+        "(embedded Python), a name from `buildllm data list` (downloaded first), or "
+        "UTF-8 text files",
     )
     pr.add_argument(
         "--tokenizer",
@@ -314,7 +315,8 @@ def run_data_download(args: argparse.Namespace) -> int:
 def run_data_prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from buildllm.data import CORPORA, default_corpus, download, prepare, read_header
+    from buildllm.corpora import EMBEDDED, documents
+    from buildllm.data import CORPORA, download, prepare, read_header
 
     if args.dataset is not None:
         return run_data_prepare_shards(args)
@@ -322,8 +324,8 @@ def run_data_prepare(args: argparse.Namespace) -> int:
         raise ValueError("data prepare needs --out-dir DIR (or --dataset NAME)")
     sources: list[str | Path] = []
     for item in args.corpus:
-        if item == "default":
-            sources.append(default_corpus())
+        if item == "default" or item in EMBEDDED:
+            sources.extend(documents("shakespeare" if item == "default" else item))
         elif item in CORPORA:
             sources.append(download(item, args.cache_dir))
         elif Path(item).is_file():

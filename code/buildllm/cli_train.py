@@ -15,8 +15,8 @@ from collections.abc import Callable
 TRAIN_HELP = {
     "preset": "model and run preset: tiny trains on a laptop CPU in minutes; gpt2-124m "
     "is llm.c's GPT-2 small run for GPUs (524,288 tokens a step, 10B tokens)",
-    "data": "'embedded' (the corpus in the package), 'fineweb-edu' (shards prepared by "
-    "`buildllm data prepare`), or a folder with train.bin and val.bin",
+    "data": "'shakespeare' or 'stdlib' (corpora in the package), 'fineweb-edu' (shards "
+    "prepared by `buildllm data prepare`), or a folder with train.bin and val.bin",
     "out_dir": "folder for checkpoints, metrics.jsonl and tokenizer.json",
     "batch_size": "sequences per forward pass on each process",
     "grad_accum_steps": "micro-batches per optimizer step, shared out over processes",
@@ -37,7 +37,7 @@ TRAIN_HELP = {
     "sample_tokens": "tokens of sample text at each evaluation ('none': no samples)",
     "seed": "seed of the initial weights and of the batches",
     "device": "auto picks cuda, then mps, then cpu",
-    "dtype": "auto: bf16 autocast on CUDA, float32 elsewhere",
+    "dtype": "auto: bf16 autocast on CUDA and on CPUs with native bf16, else float32",
     "compile": "compile the model with torch.compile (fast on GPUs, slow to start)",
     "impl": "loss, clipping and AdamW: 'manual' (written out) or 'fast' (fused torch)",
     "strategy": "with several processes (torchrun): ddp, or fsdp to shard the model",
@@ -96,6 +96,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                "impl": ["manual", "fast"], "strategy": ["ddp", "fsdp"],
                "device": ["auto", "cpu", "cuda", "mps"]}  # fmt: skip
     for f in fields(TrainConfig):
+        if f.name == "model":  # set by --preset
+            continue
         default, other = f.default, getattr(big, f.name)
         differs = other != default and f.name not in ("preset", "out_dir")
         shown = f"{default}" + (f"; gpt2-124m: {other}" if differs else "")

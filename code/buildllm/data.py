@@ -11,10 +11,8 @@ sha256 hex | null, "n_tokens": int}. Read it with `load_tokens`.
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import http.client
-import importlib.resources
 import itertools
 import json
 import os
@@ -75,17 +73,6 @@ CORPORA = {corpus.name: corpus for corpus in [
            "(arXiv:2406.17557); ODC-By 1.0; tokenize it with shards.py"),
 ]}
 # fmt: on
-
-
-@functools.lru_cache(maxsize=1)
-def default_corpus() -> str:
-    """Return the embedded corpus: 1.36 MB of Python from CPython's standard library.
-
-    45 modules of CPython 3.11.7 (corpus/SOURCES.txt), each after a `# file:` line,
-    shipped gzipped under the PSF License (corpus/README.md): same bytes everywhere.
-    """
-    data = importlib.resources.files("buildllm").joinpath("corpus/stdlib.txt.gz")
-    return gzip.decompress(data.read_bytes()).decode("utf-8")
 
 
 def get_cache_dir(folder: str | Path | None = None) -> Path:

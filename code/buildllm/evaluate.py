@@ -1,8 +1,9 @@
-"""Measure a trained GPT: validation loss and perplexity, and HellaSwag accuracy.
+"""Measure a trained GPT: validation loss, perplexity, bits per byte, HellaSwag.
 
 Taught in Chapter 7 (Pretraining GPT-2 small). Validation loss is the mean next-token
 cross-entropy over consecutive windows of held-out tokens; perplexity is its
-exponential. HellaSwag (Zellers et al. 2019, arXiv:1905.07830) is scored as a
+exponential; bits per byte divides it by ln 2 and by the bytes of text per token, a
+measure that compares across tokenizers (Chapter 5). HellaSwag (Zellers et al. 2019, arXiv:1905.07830) is scored as a
 completion task, as llm.c and nanoGPT do: each of the four endings gets the
 log-likelihood of its own tokens after the context, and the ending with the highest
 *mean* token log-likelihood wins (`acc_norm`; `acc` uses the sum). The model is any
@@ -37,6 +38,13 @@ class Encoder(Protocol):
     """Anything with `encode(text) -> list[int]`: a `BPETokenizer` or a test stub."""
 
     def encode(self, text: str) -> list[int]: ...
+
+
+class Tokenizer(Protocol):
+    """Anything with a byte vocabulary and special tokens: a `BPETokenizer`."""
+
+    vocab: list[bytes]
+    special_tokens: dict[str, int]
 
 
 def evaluate_loss(
@@ -97,6 +105,27 @@ def evaluate_loss(
 def perplexity(loss: float) -> float:
     """Return exp(loss): the number of equally likely tokens the loss is worth."""
     return math.exp(loss)
+
+
+def bytes_per_token(tokens: np.ndarray | Tensor, tokenizer: Tokenizer) -> float:
+    """Return the mean UTF-8 bytes of text per token of `tokens` (specials count 0).
+
+    Shapes: tokens (N,) integer ids -> float.
+    """
+    lengths = np.array(
+        [len(t) for t in tokenizer.vocab] + [0] * len(tokenizer.special_tokens)
+    )
+    ids = np.asarray(tokens).astype(np.int64)
+    return float(lengths[ids].sum()) / max(len(ids), 1)
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """Convert a loss in nats per token into bits per byte of text (eq-bits-per-byte).
+
+    bits/byte = loss / ln 2 / (bytes per token): the same text scores the same whatever
+    its tokenizer, so a character-level model and a BPE model compare directly.
+    """
+    return loss / math.log(2) / bytes_per_token
 
 
 def load_hellaswag(
