@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None,
                         help="benchmarks to run (model, bench_model, ...)")  # fmt: skip
     parser.add_argument(
-        "--timeout", type=float, default=1800, help="seconds per benchmark"
+        "--timeout", type=float, default=3600, help="seconds per benchmark"
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--dir", type=Path, default=HERE, help="where bench_*.py are")

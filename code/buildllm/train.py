@@ -104,7 +104,7 @@ class TrainConfig:
     eval_steps: int = 8  # validation batches per evaluation
     checkpoint_interval: int = 100
     keep_checkpoints: int = 2
-    sample_tokens: int | None = 40  # tokens generated at each evaluation
+    sample_tokens: int | None = 64  # tokens generated at each evaluation
     seed: int = 1337
     device: str = "auto"  # cuda, then mps, then cpu
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA only
