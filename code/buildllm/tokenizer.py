@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import json
 import operator
-import os
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import regex
 
 from buildllm.bpe import bpe_merges, count_words, rechunk, special_split
+from buildllm.runfolder import write_atomic
 
 if TYPE_CHECKING:
     import tiktoken
@@ -299,10 +299,7 @@ class BPETokenizer:
         index i), "merges" ([id_a, id_b] in training order; token 256 + k came from
         merge k unless it repeats an earlier token's bytes).
         """
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)  # a crash never leaves a half-written tokenizer
+        write_atomic(path, self.to_bytes())  # never a half-written tokenizer
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:

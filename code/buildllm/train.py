@@ -12,7 +12,6 @@ train.py and llm.c's GPT-2 small recipe (Karpathy 2023-24); GPT-2: Radford et al
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from buildllm.checkpoint import (
+    METRICS,
     append_metrics,
     check_resumable,
     latest_checkpoint,
@@ -53,6 +53,7 @@ from buildllm.distributed import (
 )
 from buildllm.model import GPT, PRESETS, GPTConfig, flops_per_token
 from buildllm.optim import clip_grad_norm, cross_entropy, lr_at, make_optimizer
+from buildllm.runfolder import RunLock, remove_run_files
 from buildllm.tokenizer import BPETokenizer
 
 # llm.c's GPT-2 small recipe: 8 x 1024 x 64 = 524,288 tokens a step, 10B in all.
@@ -185,20 +186,18 @@ class Trainer:
             model, c.max_lr, c.weight_decay, (c.beta1, c.beta2), c.eps, c.impl
         )
         self.step, self.out_dir = 0, Path(c.out_dir)
-        found = latest_checkpoint(self.out_dir)
-        if found is None and resume:
-            raise FileNotFoundError(f"{self.out_dir} holds no checkpoint to --resume")
-        if found is not None and not resume:
-            raise ValueError(
-                f"{self.out_dir} already holds a run ({found.name}); pass --resume to "
-                "continue it or choose another --out-dir"
-            )
-        if found is not None:
-            self.resume_from(found)
-        elif self.dist.is_main:  # a fresh run: drop metrics of a run killed early
-            truncate_metrics(self.out_dir, -1)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save(self.out_dir / TOKENIZER)
+        self.lock = RunLock(self.out_dir)
+        if self.dist.is_main:  # refuse to spoil another run's files; then lock
+            self.lock.claim(resume, lambda: latest_checkpoint(self.out_dir) is not None)
+        try:
+            found = latest_checkpoint(self.out_dir)
+            if found is not None:
+                self.resume_from(found)
+            elif self.dist.is_main:
+                self.tokenizer.save(self.out_dir / TOKENIZER)
+        except BaseException:
+            self.lock.release()
+            raise
         if c.compile:
             self.model = torch.compile(self.model)
 
@@ -240,28 +239,38 @@ class Trainer:
         """
         c, records = self.config, []
         quiet = None if self.progress else True  # None: on only at a terminal
-        bar = tqdm(total=c.max_steps, initial=self.step, unit="step", unit_scale=True,
-                   disable=quiet, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-        if self.step == 0:
-            records.append(self.record({"step": 0}, evaluate=True))
-        for step in range(self.step + 1, c.max_steps + 1):
-            start = time.perf_counter()
-            metrics = self.train_step(step - 1)
-            tokens_per_s = self.tokens_per_step / (time.perf_counter() - start)
-            mfu = None
-            if self.peak_flops:  # model FLOP/s over what the devices could do
-                world_peak = self.peak_flops * self.dist.world_size
-                mfu = self.flops_per_token * tokens_per_s / world_peak
-            self.step = step
-            record = {"step": step, **metrics, "tokens": step * self.tokens_per_step,
-                      "tokens_per_s": tokens_per_s, "mfu": mfu}  # fmt: skip
-            due = step % c.eval_interval == 0 or step == c.max_steps
-            records.append(self.record(record, evaluate=due))
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if step % c.checkpoint_interval == 0 or step == c.max_steps:
-                self.save()
-        bar.close()
+        bar = tqdm(total=c.max_steps, initial=self.step, unit="step", disable=quiet,
+                   file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+        every = max(1, c.max_steps // 20)  # a plain line when no bar shows: a pipe
+        plain = self.progress and bar.disable
+        if self.dist.is_main:
+            self.lock.acquire()
+        try:
+            if self.step == 0:
+                records.append(self.record({"step": 0}, evaluate=True))
+            for step in range(self.step + 1, c.max_steps + 1):
+                start = time.perf_counter()
+                metrics = self.train_step(step - 1)
+                tokens_per_s = self.tokens_per_step / (time.perf_counter() - start)
+                mfu = None
+                if self.peak_flops:  # model FLOP/s over what the devices could do
+                    world_peak = self.peak_flops * self.dist.world_size
+                    mfu = self.flops_per_token * tokens_per_s / world_peak
+                self.step = step
+                record = {"step": step, **metrics, "tokens": step * self.tokens_per_step,
+                          "tokens_per_s": tokens_per_s, "mfu": mfu}  # fmt: skip
+                due = step % c.eval_interval == 0 or step == c.max_steps
+                records.append(self.record(record, evaluate=due))
+                bar.update(1)
+                shown = f"loss {metrics['loss']:.3f}, {tokens_per_s:,.0f} tokens/s"
+                bar.set_postfix_str(shown)
+                if plain and (step % every == 0 or step == c.max_steps):
+                    self.say(f"step {step}/{c.max_steps}: {shown}")
+                if step % c.checkpoint_interval == 0 or step == c.max_steps:
+                    self.save()
+        finally:
+            bar.close()
+            self.lock.release()
         return records
 
     @torch.no_grad()
@@ -326,6 +335,11 @@ class Trainer:
         check_resumable(state["train_config"], asdict(self.config), RESUME_MAY_DIFFER)
         if state["tokenizer_hash"] != self.tokenizer.hash:
             raise ValueError(f"{folder} used another tokenizer; resume with its --data")
+        if state["step"] > self.config.max_steps:
+            raise ValueError(
+                f"{folder} is at step {state['step']}, past --max-steps "
+                f"{self.config.max_steps}; pass --max-steps {state['step']} or more"
+            )
         set_rng_states(state["rng"])
         self.batches.load_state_dict(state["data"])
         self.step = state["step"]
@@ -373,7 +387,8 @@ def train_tiny(
     Returns (model in eval mode, tokenizer, metric records). `out_dir` defaults to
     `data.get_cache_dir() / "tiny-model"`, which the book's chapters share, so it
     trains once. A finished run with the same settings is loaded, an unfinished one
-    resumed, one with other settings deleted and trained again; a lock file makes
+    resumed, one with other settings (or killed before its first checkpoint) deleted
+    and trained again (only the run's own files: `runfolder.RUN_FILES`); a lock file makes
     concurrent callers wait for one trainer. Trains on one thread: deterministic, and
     unhurt by other processes on a busy machine.
     """
@@ -387,8 +402,9 @@ def train_tiny(
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per folder; the others wait
         found = latest_checkpoint(out_dir)
         saved = load_checkpoint(found)[1] if found is not None else None
-        if saved is not None and saved["train_config"] != asdict(config):
-            shutil.rmtree(out_dir)
+        stale = saved is not None and saved["train_config"] != asdict(config)
+        if stale or (saved is None and (out_dir / METRICS).is_file()):
+            remove_run_files(out_dir)  # its own run's files, nothing the user put there
             saved = None
         if saved is None or saved["step"] < config.max_steps:
             torch.set_num_threads(1)  # the same numbers on any core count
