@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from buildllm.checks import check_file
 from buildllm.model import GPT, GPTConfig
 from buildllm.runfolder import deferred_interrupt, is_disk_full, temp_dir, write_atomic
 
@@ -283,9 +284,7 @@ def read_config(weights: str | Path) -> GPTConfig:
     Raises FileNotFoundError if the file is missing and ValueError if it is corrupt,
     not a buildllm file, or names config fields this version does not know.
     """
-    weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file {weights} does not exist")
+    weights = check_file(weights, "weights file")
     try:
         with safe_open(weights, framework="pt") as f:
             metadata = f.metadata() or {}

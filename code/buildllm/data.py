@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from buildllm.bpe import iter_chunks
+from buildllm.checks import check_file
 from buildllm.runfolder import atomic_file
 from buildllm.tokenizer import BPETokenizer
 
@@ -245,9 +246,7 @@ def write_tokens(
 
 def read_header(path: str | Path) -> dict:
     """Return a token file's header; FileNotFoundError or ValueError for a bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token file {path} does not exist")
+    path = check_file(path, "token file")
     with path.open("rb") as file:
         raw = file.read(HEADER_BYTES)
     try:

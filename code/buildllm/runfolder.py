@@ -91,9 +91,20 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
 
     The file appears whole or not at all, and concurrent writers never share a
     temporary file. If the block raises (disk full, Ctrl-C), the temporary file is
-    removed and `path` keeps what it held.
+    removed and `path` keeps what it held. Raises IsADirectoryError or
+    NotADirectoryError, naming the path, if `path` is a folder or its folder is not one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"cannot write {path}: it is a folder; give a file path"
+        )
+    if not path.parent.is_dir():
+        what = "is a file" if path.parent.exists() else "does not exist"
+        raise NotADirectoryError(
+            f"cannot write {path}: its folder {path.parent} {what}; choose a path in "
+            "an existing folder"
+        )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:

@@ -19,9 +19,14 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import regex
-
-from buildllm.bpe import bpe_merges, count_words, rechunk, special_split
+from buildllm.bpe import (
+    bpe_merges,
+    compile_pattern,
+    count_words,
+    rechunk,
+    special_split,
+)
+from buildllm.checks import check_file
 from buildllm.runfolder import write_atomic
 
 if TYPE_CHECKING:
@@ -82,12 +87,7 @@ class BPETokenizer:
                 f"and lacks {missing} of the 256 single bytes; every byte must appear "
                 "exactly once so that any text can be encoded"
             )
-        try:
-            self._regex = regex.compile(pattern)
-        except regex.error as err:
-            raise ValueError(
-                f"pattern {pattern!r} is not a valid regex: {err}"
-            ) from None
+        self._regex = compile_pattern(pattern)  # one that keeps every character
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -109,6 +109,7 @@ class BPETokenizer:
         non-UTF-8 corpus; TypeError for special_tokens given as one string.
         """
         pattern = PATTERNS.get(pattern, pattern)
+        compile_pattern(pattern)  # before the corpus is read: fail fast
         if isinstance(special_tokens, str):
             raise TypeError(
                 f"special_tokens must be a list of strings, e.g. [{special_tokens!r}]"
@@ -304,9 +305,7 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
         """Read a tokenizer written by `save`; ValueError if the file is not one."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        path = check_file(path, "tokenizer file")
         try:
             state = json.loads(path.read_bytes())
             if state.get("format") != FORMAT or state.get("version") != 1:
