@@ -48,13 +48,17 @@ class Range:
     def rule(self) -> str:
         """The rule in words: "an integer >= 1", "a number in (0, 1]"."""
         what = "an integer" if self.kind is int else "a number"
-        if self.low is not None and self.high is not None:
+        low, high = (
+            None if x is None else f"{int(x)}" if self.kind is int else f"{x:g}"
+            for x in (self.low, self.high)
+        )
+        if low is not None and high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"{what} in {left}{self.low:g}, {self.high:g}{right}"
-        if self.low is not None:
-            return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{what} {'<' if self.high_open else '<='} {self.high:g}"
+            return f"{what} in {left}{low}, {high}{right}"
+        if low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        if high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {high}"
         return "a finite number" if self.kind is float else what
 
     def explain(self, none_word: str) -> str:

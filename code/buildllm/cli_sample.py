@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # type hints only: each command imports what it runs
 
 
 # ---------------------------------------------------------------- sample
-SEED = Range(int, low=0, high=2**63 - 1)
+SEED = Range(int, low=0, high=2**64 - 1)
 POSITIVE = Range(int, low=1)
 OPTIONAL_POSITIVE = Range(int, low=1, off="means all")
 
@@ -105,7 +105,12 @@ def run_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from buildllm.generate import generate_batch, matvec_layout, stream_text
+    from buildllm.generate import (
+        decode_tokens,
+        generate_batch,
+        matvec_layout,
+        stream_text,
+    )
 
     model, tokenizer = load_for_sampling(args)
     device = next(model.parameters()).device
@@ -134,7 +139,7 @@ def run_sample(args: argparse.Namespace) -> int:
     texts = []
     for new in generate_batch(model, ids, args.max_new_tokens, stop_tokens=eot,
                               **sampling):  # fmt: skip
-        text = tokenizer.decode(new)
+        text = decode_tokens(tokenizer, new)
         cuts = [text.find(s) for s in args.stop if s in text]
         texts.append(text[: min(cuts)] if cuts else text)
     seconds = time.perf_counter() - start

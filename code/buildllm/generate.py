@@ -361,11 +361,20 @@ def held_back(text: str, stop: Sequence[str]) -> int:
 def token_bytes(tokenizer: BPETokenizer, token: int) -> bytes:
     """Return the bytes of one token (a piece of UTF-8, possibly not a whole character).
 
-    Ordinary tokens are `tokenizer.vocab[token]`; a special token is its own text.
+    Ordinary tokens are `tokenizer.vocab[token]`; a special token is its own text. A
+    model may have more ids than its tokenizer (a 4096-id model trained on data of a
+    smaller vocabulary): an id the tokenizer lacks shows as U+FFFD.
     """
     if 0 <= token < len(tokenizer.vocab):
         return tokenizer.vocab[token]
+    if token >= tokenizer.vocab_size:
+        return "\ufffd".encode()
     return tokenizer.decode([token]).encode("utf-8")
+
+
+def decode_tokens(tokenizer: BPETokenizer, ids: Sequence[int]) -> str:
+    """Return the text of generated `ids`, as `token_bytes` shows each of them."""
+    return b"".join(token_bytes(tokenizer, i) for i in ids).decode(errors="replace")
 
 
 def check_decoding(model: GPT, idx: Tensor, **settings: float | None) -> None:

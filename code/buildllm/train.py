@@ -78,7 +78,7 @@ _STEPS = Range(int, low=1)
 TRAIN_RANGES = {
     **dict.fromkeys(("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
                      "eval_steps", "checkpoint_interval", "keep_checkpoints"), _STEPS),
-    "warmup_steps": Range(int, low=0), "seed": Range(int, low=0, high=2**63 - 1),
+    "warmup_steps": Range(int, low=0), "seed": Range(int, low=0, high=2**64 - 1),
     "max_lr": Range(float, low=0, low_open=True), "min_lr": Range(float, low=0),
     "weight_decay": Range(float, low=0), "eps": Range(float, low=0, low_open=True),
     **dict.fromkeys(("beta1", "beta2"), Range(float, low=0, high=1, high_open=True)),
@@ -312,7 +312,7 @@ class Trainer:
 
         An empty prompt starts from the end-of-text token, like a new document.
         """
-        from buildllm.generate import generate
+        from buildllm.generate import decode_tokens, generate
 
         ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id or 0]
         idx = torch.tensor([ids], device=self.device)  # (1, T)
@@ -321,7 +321,7 @@ class Trainer:
         with self.autocast():
             out = generate(model, idx, max_new_tokens, top_k=40, generator=generator)
         model.train()
-        return self.tokenizer.decode(out[0, len(ids) :].tolist())
+        return decode_tokens(self.tokenizer, out[0, len(ids) :].tolist())
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step; all processes join, rank 0 writes."""
