@@ -107,9 +107,14 @@ def save_checkpoint(
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)  # a folder appears whole or not at all
         write_atomic(root / LATEST, folder.name)
-        for old in find_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(out_dir, keep)
     return folder
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints of a run."""
+    for old in find_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoints(out_dir: str | Path) -> list[Path]:

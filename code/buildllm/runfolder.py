@@ -76,7 +76,7 @@ class RunLock:
         except BaseException:
             self.release()
             raise
-        remove_temp_dirs(self.path.parent / RUN_FILES[0])
+        remove_temp_files(self.path.parent)
 
     def release(self) -> None:
         """Let other processes take the lock (closing the file drops the flock)."""
@@ -128,11 +128,21 @@ def temp_dir(parent: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
 
 
-def remove_temp_dirs(parent: Path) -> None:
-    """Delete the temporary folders a killed writer left in `parent` (hold the lock)."""
-    for tmp in parent.glob(".*.tmp"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
+def remove_temp_files(out_dir: Path) -> None:
+    """Delete what killed writers left in a run folder (call it holding the lock).
+
+    Only the hidden temporary names `atomic_file` and `temp_dir` give the run's own
+    files (".metrics.jsonl.*.tmp", "checkpoints/.step-*.tmp", ...); nothing else.
+    """
+    names = (*RUN_FILES, "latest", "step-")
+    for folder in (out_dir, out_dir / RUN_FILES[0]):
+        for tmp in folder.glob(".*.tmp"):
+            if not tmp.name[1:].startswith(names):
+                continue
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -167,7 +177,8 @@ def check_out_dir(
 ) -> None:
     """Raise unless a run may write into `out_dir`: resume or start fresh there.
 
-    `resume` needs a checkpoint (`has_checkpoint()`). A fresh run writes
+    `resume` needs a checkpoint (`has_checkpoint()`), or the metrics of a run killed
+    before its first checkpoint (it starts again from step 0). A fresh run writes
     metrics.jsonl, tokenizer.json and checkpoints/ from scratch, so any of them already
     there belongs to something else: a run (stopped before its first checkpoint, or
     with a damaged `latest`) or a data folder. Raises FileNotFoundError or ValueError.
@@ -181,7 +192,7 @@ def check_out_dir(
             f"--out-dir {out_dir} is a data folder (it holds {', '.join(found)}); "
             "choose another --out-dir for the run and pass this one as --data"
         )
-    if resume and not has_checkpoint():
+    if resume and not has_checkpoint() and "metrics.jsonl" not in found:
         raise FileNotFoundError(
             f"--out-dir {out_dir} holds no checkpoint to --resume (no "
             "checkpoints/step-N folder); drop --resume to start a run there"

@@ -29,6 +29,7 @@ from buildllm.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model,
+    prune_checkpoints,
     read_metrics,
     restore_checkpoint,
     rng_states,
@@ -204,8 +205,8 @@ class Trainer:
             found = latest_checkpoint(self.out_dir)
             if found is not None:
                 self.resume_from(found)
-            elif self.dist.is_main:
-                self.tokenizer.save(self.out_dir / TOKENIZER)
+            elif self.dist.is_main:  # fresh, or resuming a run killed before step 1's
+                self.restart_unsaved_run()
         except BaseException:
             self.lock.release()
             raise
@@ -354,11 +355,21 @@ class Trainer:
         set_rng_states(state["rng"])
         self.batches.load_state_dict(state["data"])
         self.step = state["step"]
-        if self.dist.is_main:
-            truncate_metrics(
-                self.out_dir, self.step
-            )  # steps logged after the checkpoint
+        if self.dist.is_main:  # a killed run logged steps after its checkpoint, and
+            truncate_metrics(self.out_dir, self.step)  # may have been killed pruning
+            prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
         self.say(f"resumed from {folder} at step {self.step}")
+
+    def restart_unsaved_run(self) -> None:
+        """Start at step 0, as does a run killed before its first checkpoint (same data)."""
+        saved = self.out_dir / TOKENIZER
+        if saved.is_file() and BPETokenizer.load(saved).hash != self.tokenizer.hash:
+            raise ValueError(
+                f"{saved} is not the tokenizer of --data {self.config.data}; resume "
+                "with the run's --data or choose another --out-dir"
+            )
+        truncate_metrics(self.out_dir, -1)  # what a killed run logged runs again
+        self.tokenizer.save(saved)
 
     def record(self, record: dict[str, Any], evaluate: bool) -> dict[str, Any]:
         """Add val_loss and a sample to `record` if `evaluate`, log and write it."""
