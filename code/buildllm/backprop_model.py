@@ -14,13 +14,13 @@ from torch import Tensor, nn
 
 from buildllm import backprop as bp
 from buildllm.attention import MultiHeadAttention
+from buildllm.checks import check_token_ids
 from buildllm.model import (
     GPT,
     MLP,
     GPTConfig,
     RMSNorm,
     TransformerBlock,
-    check_token_ids,
 )
 
 # (parameter, gradient) pairs; a tied parameter appears once per use and is summed.
@@ -198,7 +198,7 @@ def gpt_forward(model: GPT, idx: Tensor, targets: Tensor) -> tuple[Tensor, tuple
     Raises ValueError if the model would apply dropout (training mode, dropout > 0)
     or targets do not match idx, TypeError/ValueError for bad idx as GPT.forward does.
     """
-    check_token_ids(idx, model.config.context_length)
+    check_token_ids(idx, model.config)
     if targets.shape != idx.shape:
         raise ValueError(
             f"targets have shape {tuple(targets.shape)} but idx {tuple(idx.shape)}; "

@@ -21,12 +21,19 @@ from pathlib import Path
 import regex
 from tqdm import tqdm
 
+from buildllm.checks import check_file
+
 # A letter or digit, then a space and a letter: the GPT-2 and GPT-4 patterns end a
 # pre-token there and start the next fresh, so text cut at this point pre-tokenizes
 # exactly as it did whole.
 SAFE_CUT = regex.compile(r"(?<=[\p{L}\p{N}])(?= \p{L})")
 LAST_SAFE_CUT = regex.compile(r"(?r)" + SAFE_CUT.pattern)  # searches backwards
 CHUNK_CHARS = 1 << 20  # 1 Mi characters: big enough to amortize a worker call
+
+
+# Letters, digits, punctuation, runs of spaces, tabs and newlines, accents, CJK, emoji,
+# control characters: a pre-tokenization pattern must keep all of it.
+PROBE = "Hello, World! It's 2024:  déjà vu?\n\tx_1 = 3.14;\r\n  日本語 🙂\x00\x7f   "
 
 
 def rechunk(pieces: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
@@ -64,12 +71,15 @@ def iter_chunks(
     """
     items = [source] if isinstance(source, (str, Path)) else source
     for item in items:
+        if isinstance(item, str) and _names_a_file(item):
+            raise TypeError(
+                f"the text {item!r} is the path of a file, and a str is trained on as "
+                f"text; pass pathlib.Path({item!r}) to read the file"
+            )
         if isinstance(item, str):
             yield from rechunk([item], chunk_chars)
             continue
-        path = Path(item)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {path} does not exist")
+        path = check_file(item, "corpus file")
         with path.open(encoding="utf-8", newline="") as file:
             blocks = iter(functools.partial(file.read, chunk_chars), "")
             try:
@@ -79,6 +89,41 @@ def iter_chunks(
                     f"{path} is not UTF-8 text ({err.reason} at byte {err.start} of a "
                     "block); convert it with `iconv -t UTF-8` or drop the file"
                 ) from None
+
+
+def _names_a_file(text: str) -> bool:
+    """True if `text` is short, one line and the path of an existing file."""
+    return len(text) < 4096 and "\n" not in text and os.path.isfile(text)
+
+
+def compile_pattern(pattern: str) -> regex.Pattern:
+    r"""Compile a pre-tokenization regex that splits every text without losing any.
+
+    Encoding keeps only what the pattern matches, so a pattern that skips a character
+    (r"\w+" skips spaces) would silently drop text: `decode(encode(s)) != s`. The
+    pattern must split `PROBE`, which holds every kind of character, into pieces that
+    join back to it, and must not capture groups (findall would return the groups).
+    Raises ValueError naming the fix otherwise.
+    """
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as err:
+        raise ValueError(
+            f"pattern {pattern!r} is not a valid regex ({err}); fix it, or use the "
+            "pattern gpt2 or gpt4"
+        ) from None
+    if compiled.groups:
+        raise ValueError(
+            f"pattern {pattern!r} has capture groups; write them as (?:...), so that "
+            "each match is a whole piece"
+        )
+    if "".join(m.group() for m in compiled.finditer(PROBE)) != PROBE:
+        raise ValueError(
+            f"pattern {pattern!r} does not match every character (e.g. of {PROBE!r}), "
+            "so encoding would drop text; add a catch-all alternative such as "
+            r"|\s+|[^\s]+ at its end, or use the pattern gpt2 or gpt4"
+        )
+    return compiled
 
 
 def count_pretokens(chunk: str, pattern: str, special_tokens: Sequence[str]) -> Counter:

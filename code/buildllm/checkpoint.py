@@ -11,6 +11,7 @@ metrics file, `<out_dir>/metrics.jsonl`, one JSON record per step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +31,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from buildllm.checks import check_file
 from buildllm.model import GPT, GPTConfig
+from buildllm.runfolder import deferred_interrupt, is_disk_full, temp_dir, write_atomic
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
@@ -79,35 +82,71 @@ def save_checkpoint(
         return None
     root = Path(out_dir) / CHECKPOINTS
     folder = root / f"step-{step:07d}"
-    tmp = root / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     weights = {
         name: t.detach().cpu().contiguous()
         for name, t in model_state.items()
         if not (config.tie_embeddings and name == "lm_head.weight")
     }
     metadata = {"format": "buildllm", "gpt_config": json.dumps(asdict(config))}
-    save_file(weights, tmp / WEIGHTS, metadata=metadata)
-    state = {**state, "step": step, "optimizer": optim_state}
-    state["weights_sha256"] = _sha256(tmp / WEIGHTS)
-    torch.save(state, tmp / STATE)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # a folder appears whole or not at all
-    _write_atomic(root / LATEST, folder.name)
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = temp_dir(root, folder.name)  # a unique name: no two writers share it
+    try:
+        save_file(weights, tmp / WEIGHTS, metadata=metadata)
+        state = {**state, "step": step, "optimizer": optim_state}
+        state["weights_sha256"] = _sha256(tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+    except BaseException as err:  # also Ctrl-C: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            kept = latest_checkpoint(out_dir)
+            raise RuntimeError(
+                f"disk full while writing checkpoint {folder}; the last good checkpoint "
+                f"{kept or '(none yet)'} is kept; free some space and rerun with --resume"
+            ) from err
+        raise
+    with deferred_interrupt():  # rename, point and prune together, or not at all
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)  # a folder appears whole or not at all
+        write_atomic(root / LATEST, folder.name)
+        prune_checkpoints(out_dir, keep)
     return folder
 
 
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints of a run."""
+    for old in find_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Return a run's complete checkpoint folders (weights and state), oldest first.
+
+    Sorted by step number, so the order never depends on how names sort.
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if _is_checkpoint(p)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """Return the newest complete checkpoint folder of a run, or None if it has none."""
+    """Return the newest complete checkpoint folder of a run, or None if it has none.
+
+    `checkpoints/latest` names it; when that file is missing, unreadable or names a
+    folder that is gone, the folders themselves are scanned, so a damaged pointer never
+    hides a run's checkpoints.
+    """
     pointer = Path(out_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if folder.is_dir() else None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        folder = pointer.parent / pointer.read_text().strip()
+        if folder.parent == pointer.parent and _is_checkpoint(folder):
+            return folder
+    found = find_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    name = folder.name.removeprefix("step-")
+    complete = (folder / WEIGHTS).is_file() and (folder / STATE).is_file()
+    return folder.name.startswith("step-") and name.isdigit() and complete
 
 
 def load_checkpoint(
@@ -145,8 +184,8 @@ def load_checkpoint(
         OSError,
     ) as err:
         raise ValueError(
-            f"checkpoint {folder} is corrupt ({err}); delete it and resume from an "
-            "older one (edit checkpoints/latest) or start again"
+            f"checkpoint {folder} is corrupt ({err}); move it out of the run folder to "
+            "resume from the one before, or start again in another --out-dir"
         ) from err
     if state.get("weights_sha256") != _sha256(folder / WEIGHTS):
         raise ValueError(
@@ -201,12 +240,32 @@ def check_resumable(
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Return the records of a metrics.jsonl file (or of a run's out_dir)."""
+    """Return the records of a metrics.jsonl file (or of a run's out_dir).
+
+    A last line without its newline is a record torn by a kill mid-write: it is
+    skipped (`truncate_metrics` then drops it from the file). Raises FileNotFoundError
+    for a missing file and ValueError, naming file and line, for any other bad line.
+    """
     path = Path(path)
     path = path / METRICS if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"metrics file {path} does not exist")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no newline after it: torn by a kill
+                break
+            raise ValueError(
+                f"{path} line {number} is not a JSON record ({err}); delete that line "
+                "to read the rest"
+            ) from None
+    return records
 
 
 def append_metrics(out_dir: str | Path, record: dict[str, Any]) -> None:
@@ -221,7 +280,7 @@ def truncate_metrics(out_dir: str | Path, step: int) -> None:
     path = Path(out_dir) / METRICS
     if path.is_file():
         kept = [r for r in read_metrics(path) if r["step"] <= step]
-        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_config(weights: str | Path) -> GPTConfig:
@@ -230,9 +289,7 @@ def read_config(weights: str | Path) -> GPTConfig:
     Raises FileNotFoundError if the file is missing and ValueError if it is corrupt,
     not a buildllm file, or names config fields this version does not know.
     """
-    weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file {weights} does not exist")
+    weights = check_file(weights, "weights file")
     try:
         with safe_open(weights, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -245,8 +302,14 @@ def read_config(weights: str | Path) -> GPTConfig:
             f"{weights} has no buildllm model config in its metadata; load Hugging "
             "Face GPT-2 files with buildllm.hf.load_hf_gpt2 instead"
         )
-    values = json.loads(metadata["gpt_config"])
-    unknown = sorted(set(values) - {f.name for f in fields(GPTConfig)})
+    try:
+        values = json.loads(metadata["gpt_config"])
+        unknown = sorted(set(values) - {f.name for f in fields(GPTConfig)})
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(
+            f"{weights} holds a damaged model config in its metadata ({err}); "
+            "load an intact checkpoint"
+        ) from None
     if unknown:
         raise ValueError(
             f"{weights} was saved with GPTConfig fields {unknown} that this version of "
@@ -265,7 +328,8 @@ def load_model(path: str | Path, device: str = "cpu") -> GPT:
         found = latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(
-                f"{path} holds no checkpoint (no {CHECKPOINTS}/{LATEST})"
+                f"{path} holds no checkpoint (no {CHECKPOINTS}/step-N folder with "
+                f"{WEIGHTS} and {STATE}); pass a run folder, a checkpoint or its weights"
             )
         path = found
     weights = path / WEIGHTS if path.is_dir() else path
@@ -284,12 +348,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_metrics(records: list[dict[str, Any]], ax: Any = None) -> Any:

@@ -12,11 +12,15 @@ import argparse
 import json
 import platform
 import sys
+import warnings
+from typing import NoReturn
 
 import buildllm
+from buildllm.checks import UsageError
 from buildllm.cli_data import add_data_parser, add_tokenize_parser
 from buildllm.cli_sample import add_eval_parser, add_sample_parser
 from buildllm.cli_train import add_plot_parser, add_train_parser
+from buildllm.runfolder import is_disk_full
 
 
 class _Formatter(
@@ -26,11 +30,21 @@ class _Formatter(
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser with `_Formatter`; subcommands' parsers are of this class too."""
+    """An ArgumentParser with `_Formatter` whose usage errors take one line.
+
+    Subcommands' parsers are of this class too. argparse would print the whole usage
+    before the error; one line naming the flag, the rule and where help is reads better.
+    """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Print "PROG: error: MESSAGE; see PROG --help" on stderr and exit with 2."""
+        self.exit(
+            2, f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n"
+        )
 
 
 def add_info_parser(sub: argparse._SubParsersAction) -> None:
@@ -99,19 +113,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 failure, 2 bad usage)."""
+    """Run the command line; return the exit code (0 ok, 1 failure, 2 bad usage).
+
+    Errors print one line, "buildllm: error: ...", naming the problem and the fix
+    (`--traceback` shows Python's traceback instead); warnings print one line too.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits on --help, --version and bad usage
         return int(exit_.code or 0)
-    try:
-        return args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        if args.traceback:
-            raise
-        print(f"buildllm: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("buildllm: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.handler(args)
+        except (UsageError, ValueError, TypeError, OSError, RuntimeError) as err:
+            if args.traceback:
+                raise
+            print(f"buildllm: error: {describe_error(err)}", file=sys.stderr)
+            return 2 if isinstance(err, UsageError) else 1
+        except KeyboardInterrupt:
+            print("buildllm: interrupted", file=sys.stderr)
+            return 130
+
+
+def describe_error(err: BaseException) -> str:
+    """Return one line saying what went wrong; for a bare OSError, also what to do.
+
+    Our own errors already name the fix. An OSError straight from the file system
+    ("[Errno 20] Not a directory: 'a/b'") gets the path and the remedy in words.
+    """
+    if isinstance(err, OSError) and err.strerror:  # from the OS, not one of ours
+        path = err.filename or "a file"
+        if is_disk_full(err):
+            return f"disk full writing {path}; free some space and run it again"
+        hints = {
+            NotADirectoryError: f"a part of {path} is a file, not a folder; choose "
+            "a path inside a folder",
+            IsADirectoryError: f"{path} is a folder; give the path of a file",
+            FileExistsError: f"{path} is a file, not a folder; choose another folder",
+            FileNotFoundError: f"{path} does not exist; check the path",
+            PermissionError: f"no permission to use {path}; choose a path you "
+            "may write to",
+        }
+        return hints.get(type(err), f"{path}: {err.strerror}")
+    return one_line(str(err))
+
+
+def one_line(text: str) -> str:
+    """Join a message's lines, so an error is one line on stderr."""
+    return " ".join(line.strip() for line in text.splitlines())
+
+
+def _show_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
+    print(f"buildllm: warning: {one_line(str(message))}", file=sys.stderr)

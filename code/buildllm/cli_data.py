@@ -11,10 +11,25 @@ import argparse
 import json
 import sys
 
+from buildllm.checks import Range
 from buildllm.tokenizer import BPETokenizer
 
-
 # ---------------------------------------------------------------- tokenize
+VOCAB = Range(int, low=257)  # the 256 bytes and at least one special token
+WORKERS = Range(int, low=1, off="uses one per CPU core")
+
+
+def _pattern(text: str) -> str:
+    from buildllm.bpe import compile_pattern
+    from buildllm.tokenizer import PATTERNS
+
+    try:
+        compile_pattern(PATTERNS.get(text, text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def add_tokenize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tokenize",
@@ -49,7 +64,7 @@ def add_tokenize_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--vocab-size",
-        type=int,
+        type=VOCAB.parse,
         default=4096,
         help="ordinary plus special tokens; at least 256 + the specials",
     )
@@ -62,12 +77,13 @@ def add_tokenize_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--pattern",
+        type=_pattern,
         default="gpt2",
         help="pre-tokenization regex: gpt2, gpt4 (cl100k) or your own",
     )
     t.add_argument(
         "--workers",
-        type=int,
+        type=WORKERS.parse,
         default=None,
         help="processes counting pre-tokens; default: one per CPU core",
     )
@@ -166,9 +182,20 @@ def run_tokenize_encode(args: argparse.Namespace) -> int:
         elif args.input:
             texts = stack.enter_context(open(args.input, encoding="utf-8", newline=""))
         else:
+            if sys.stdin.isatty():
+                print("buildllm: reading the text from stdin (end it with Ctrl-D); or "
+                      "pass --text TEXT or --input FILE", file=sys.stderr)  # fmt: skip
             texts = sys.stdin
         counted = (sizes.append(len(text.encode())) or text for text in texts)
-        ids = list(tokenizer.encode_iterable(counted, **special))
+        try:
+            ids = list(tokenizer.encode_iterable(counted, **special))
+        except ValueError as err:
+            if "special token" not in str(err):
+                raise
+            raise ValueError(
+                "the text contains a special token such as <|endoftext|>; pass "
+                "--allowed-special all to encode it as its control token"
+            ) from None
     if args.json:
         print(
             json.dumps(
@@ -259,7 +286,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     )
     pr.add_argument(
         "--max-tokens",
-        type=int,
+        type=Range(int, low=1, off="means all").parse,
         default=None,
         help="with --dataset: stop after this many tokens (a quick sample)",
     )
@@ -271,13 +298,13 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     )
     pr.add_argument(
         "--val-fraction",
-        type=float,
+        type=Range(float, low=0, high=1, high_open=True).parse,
         default=0.1,
         help="share of the tokens, taken from the end, for validation",
     )
     pr.add_argument(
         "--workers",
-        type=int,
+        type=WORKERS.parse,
         default=None,
         help="tokenizing processes; default: one per CPU core",
     )

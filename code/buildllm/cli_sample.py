@@ -12,6 +12,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from buildllm.checks import Range
 from buildllm.cli_data import load_tokenizer
 
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
@@ -20,7 +21,21 @@ if TYPE_CHECKING:  # type hints only: each command imports what it runs
 
 
 # ---------------------------------------------------------------- sample
+SEED = Range(int, low=0, high=2**64 - 1)
+POSITIVE = Range(int, low=1)
+OPTIONAL_POSITIVE = Range(int, low=1, off="means all")
+
+
+def _stop_text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("'' would stop before the first token; "
+                                         "give a non-empty stop text")  # fmt: skip
+    return text
+
+
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    from buildllm.generate import SAMPLING_RANGES
+
     p = sub.add_parser(
         "sample",
         help="continue a prompt with a trained model, printing tokens as they come",
@@ -55,16 +70,22 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         "run's own, or the folder's vocab.json + merges.txt, or GPT-2's",
     )
     p.add_argument("--prompt", action="append", help="text to continue (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus mass to keep")
-    p.add_argument("--min-p", type=float, default=None, help="drop p < min_p * p_max")
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats"
-    )
-    p.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
-    p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
+    rule = SAMPLING_RANGES  # the rules `generate` checks, applied as each flag is read
+    p.add_argument("--max-new-tokens", type=rule["max_new_tokens"].parse, default=200,
+                   help="tokens to add")  # fmt: skip
+    p.add_argument("--temperature", type=rule["temperature"].parse, default=1.0,
+                   help="0 is greedy")  # fmt: skip
+    p.add_argument("--top-k", type=rule["top_k"].parse, default=None,
+                   help="keep the k likeliest")  # fmt: skip
+    p.add_argument("--top-p", type=rule["top_p"].parse, default=None,
+                   help="nucleus mass to keep")  # fmt: skip
+    p.add_argument("--min-p", type=rule["min_p"].parse, default=None,
+                   help="drop p < min_p * p_max")  # fmt: skip
+    p.add_argument("--repetition-penalty", type=rule["repetition_penalty"].parse,
+                   default=1.0, help="> 1 discourages repeats")  # fmt: skip
+    p.add_argument("--stop", action="append", default=[], type=_stop_text,
+                   help="stop text (repeatable)")  # fmt: skip
+    p.add_argument("--seed", type=SEED.parse, default=1337, help="same seed, same text")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with the KV cache")  # fmt: skip
     p.add_argument(
@@ -84,7 +105,12 @@ def run_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from buildllm.generate import generate_batch, matvec_layout, stream_text
+    from buildllm.generate import (
+        decode_tokens,
+        generate_batch,
+        matvec_layout,
+        stream_text,
+    )
 
     model, tokenizer = load_for_sampling(args)
     device = next(model.parameters()).device
@@ -113,7 +139,7 @@ def run_sample(args: argparse.Namespace) -> int:
     texts = []
     for new in generate_batch(model, ids, args.max_new_tokens, stop_tokens=eot,
                               **sampling):  # fmt: skip
-        text = tokenizer.decode(new)
+        text = decode_tokens(tokenizer, new)
         cuts = [text.find(s) for s in args.stop if s in text]
         texts.append(text[: min(cuts)] if cuts else text)
     seconds = time.perf_counter() - start
@@ -209,19 +235,44 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="a saved BPETokenizer; None: GPT-2's"
     )
-    p.add_argument(
-        "--limit", type=int, default=None, help="score only the first N examples"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=8, help="--task val: sequences per batch"
-    )
-    p.add_argument(
-        "--max-batches", type=int, default=None, help="--task val: stop after N"
-    )
+    p.add_argument("--limit", type=OPTIONAL_POSITIVE.parse, default=None,
+                   help="score only the first N examples")  # fmt: skip
+    p.add_argument("--batch-size", type=POSITIVE.parse, default=8,
+                   help="--task val: sequences per batch")  # fmt: skip
+    p.add_argument("--max-batches", type=OPTIONAL_POSITIVE.parse, default=None,
+                   help="--task val: stop after N")  # fmt: skip
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks cuda, then mps, then cpu")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_eval)
+
+
+def check_tokens_fit(path: object, args: argparse.Namespace, vocab_size: int) -> None:
+    """Raise ValueError unless token file `path` was written by the model's tokenizer.
+
+    The file's header names its tokenizer's hash; the model's tokenizer is --tokenizer,
+    else the run's tokenizer.json (for --checkpoint), else GPT-2's (for --hf).
+    """
+    from buildllm.data import read_header
+
+    header = read_header(path)
+    if header["tokenizer_hash"] is None:  # written without one: nothing to compare
+        tokenizer = None
+    elif args.tokenizer or not args.checkpoint:
+        tokenizer = load_tokenizer(args.tokenizer or "gpt2")
+    else:
+        tokenizer = run_tokenizer(args.checkpoint)
+    if tokenizer is not None and header["tokenizer_hash"] != tokenizer.hash:
+        raise ValueError(
+            f"{path} was written with another tokenizer than the model's, so its loss "
+            "would mean nothing; pass --data tokenized with the model's tokenizer (or "
+            "--tokenizer FILE if the model's tokenizer is another file)"
+        )
+    if (header["vocab_size"] or 0) > vocab_size:
+        raise ValueError(
+            f"{path} holds ids of a {header['vocab_size']}-token vocabulary but the "
+            f"model has vocab_size={vocab_size}; pass --data of the model's tokenizer"
+        )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -255,6 +306,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 else find_shards(path, "val")[0]
             )
         tokens = load_tokens(path)
+        check_tokens_fit(path, args, model.config.vocab_size)
         T = model.config.context_length
         loss = evaluate.evaluate_loss(model, tokens, T, args.batch_size, args.max_batches,
                                       device)  # fmt: skip

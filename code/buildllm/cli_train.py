@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import re
+
+from buildllm.checks import UsageError
 
 # ---------------------------------------------------------------- train / plot
 TRAIN_HELP = {
@@ -45,15 +47,11 @@ TRAIN_HELP = {
 }
 
 
-def _none_or(kind: type) -> Callable[[str], object]:
-    return lambda text: None if text.lower() in ("none", "off") else kind(text)
-
-
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     from dataclasses import fields
 
     from buildllm import model as gpt
-    from buildllm.train import TrainConfig
+    from buildllm.train import TRAIN_RANGES, TrainConfig
 
     big = TrainConfig.from_preset("gpt2-124m")
     model = gpt.GPTConfig.from_preset("gpt2-124m")
@@ -91,7 +89,6 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--data fineweb-edu\n"
         "  buildllm plot runs/tiny -o loss.svg",
     )
-    nullable = {"grad_clip": float, "sample_tokens": int, "peak_flops": float}
     choices = {"preset": list(gpt.PRESETS), "dtype": ["auto", "float32", "bfloat16"],
                "impl": ["manual", "fast"], "strategy": ["ddp", "fsdp"],
                "device": ["auto", "cpu", "cuda", "mps"]}  # fmt: skip
@@ -105,8 +102,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kind = nullable.get(f.name)
-            kwargs["type"] = _none_or(kind) if kind else type(default)
+            allowed = TRAIN_RANGES.get(f.name)  # the config's own rule, checked here
+            kwargs["type"] = allowed.parse if allowed else type(default)
             kwargs["choices"] = choices.get(f.name)
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
@@ -119,12 +116,16 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from buildllm.checkpoint import read_metrics
     from buildllm.distributed import destroy_distributed
     from buildllm.train import TrainConfig, Trainer
 
     names = [f.name for f in fields(TrainConfig)]
     given = {name: getattr(args, name) for name in names if name in args}
-    config = TrainConfig.from_preset(given.pop("preset", "tiny"), **given)
+    try:
+        config = TrainConfig.from_preset(given.pop("preset", "tiny"), **given)
+    except ValueError as err:  # a rule across flags, e.g. --min-lr above --max-lr
+        raise UsageError(in_flag_terms(str(err), names)) from None
     trainer = Trainer(config, resume=args.resume)
     try:
         records = trainer.fit()
@@ -132,13 +133,16 @@ def run_train(args: argparse.Namespace) -> int:
         destroy_distributed(trainer.dist)
     if not trainer.dist.is_main:
         return 0
-    evaluated = [r for r in records if "val_loss" in r]
+    logged = read_metrics(
+        config.out_dir
+    )  # the whole run, also what ran before a resume
+    evaluated = [r for r in logged if "val_loss" in r]
     summary = {
         "out_dir": config.out_dir,
         "step": trainer.step,
-        "loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
+        "loss": next((r["loss"] for r in reversed(logged) if "loss" in r), None),
         "val_loss": evaluated[-1]["val_loss"] if evaluated else None,
-        "tokens_per_s": _median([r["tokens_per_s"] for r in records[1:]]),
+        "tokens_per_s": _median([r["tokens_per_s"] for r in records if r["step"]]),
     }
     if args.json:
         print(json.dumps(summary))
@@ -147,6 +151,13 @@ def run_train(args: argparse.Namespace) -> int:
             shown = f"{value:.4f}" if isinstance(value, float) else value
             print(f"{key:>12}: {shown}")
     return 0
+
+
+def in_flag_terms(message: str, names: list[str]) -> str:
+    """Reword "min_lr=0.1" in a config's message as the flag the user typed, "--min-lr 0.1"."""
+    for name in names:
+        message = re.sub(rf"\b{name}=", f"--{name.replace('_', '-')} ", message)
+    return message
 
 
 def _median(values: list[float]) -> float | None:

@@ -31,6 +31,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from buildllm.bpe import iter_chunks
+from buildllm.checks import check_file
+from buildllm.runfolder import atomic_file
 from buildllm.tokenizer import BPETokenizer
 
 MAGIC = b"BLLMTOK1"
@@ -213,9 +215,8 @@ def write_tokens(
     if dtype not in (np.uint16, np.uint32):
         raise ValueError(f"token ids have dtype {dtype}; use uint16 or uint32 arrays")
     limit = np.iinfo(dtype).max if vocab_size is None else vocab_size - 1
-    tmp = path.with_name(path.name + ".tmp")
     n_tokens = 0
-    with tmp.open("wb") as file:
+    with atomic_file(path) as file:  # a crash never leaves a half-written token file
         file.write(bytes(HEADER_BYTES))  # placeholder until n_tokens is known
         for array in itertools.chain([first], arrays):
             array = np.asarray(array)
@@ -227,15 +228,12 @@ def write_tokens(
                   "tokenizer_hash": tokenizer_hash, "n_tokens": n_tokens}  # fmt: skip
         file.seek(0)
         file.write(MAGIC + json.dumps(header).encode().ljust(HEADER_BYTES - len(MAGIC)))
-    os.replace(tmp, path)  # a crash never leaves a half-written token file
     return path
 
 
 def read_header(path: str | Path) -> dict:
     """Return a token file's header; FileNotFoundError or ValueError for a bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token file {path} does not exist")
+    path = check_file(path, "token file")
     with path.open("rb") as file:
         raw = file.read(HEADER_BYTES)
     try:

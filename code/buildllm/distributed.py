@@ -45,14 +45,25 @@ PEAK_FLOPS = {
 
 
 def resolve_device(device: str = "auto") -> str:
-    """Return the device to run on: `device`, or for "auto" cuda, else mps, else cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """Return the device to run on: `device`, or for "auto" cuda, else mps, else cpu.
+
+    Raises ValueError for a device this machine lacks, naming the ones it has.
+    """
+    has = {"cuda": torch.cuda.is_available(),
+           "mps": bool(getattr(torch.backends, "mps", None)
+                       and torch.backends.mps.is_available()), "cpu": True}  # fmt: skip
+    if device == "auto":
+        return next(name for name, present in has.items() if present)
+    kind = device.split(":")[0]
+    if kind not in has:
+        raise ValueError(f"device {device!r} is unknown; use auto, cpu, cuda or mps")
+    if not has[kind]:
+        present = ", ".join(name for name, ok in has.items() if ok)
+        raise ValueError(
+            f"--device {device}: this machine has no {kind} device (torch "
+            f"{torch.__version__} sees only {present}); use --device auto or cpu"
+        )
+    return device
 
 
 def peak_flops(device: str) -> float | None:

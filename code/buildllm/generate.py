@@ -21,10 +21,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from buildllm.checks import Range
 from buildllm.model import GPT
 
 if TYPE_CHECKING:
     from buildllm.tokenizer import BPETokenizer
+
+_FRACTION = Range(float, low=0, high=1, low_open=True, off="switches it off")
+# What decoding accepts; `buildllm sample` checks its flags by the same rules.
+SAMPLING_RANGES = {
+    "max_new_tokens": Range(int, low=0),
+    "temperature": Range(float, low=0),  # 0 is greedy
+    "top_k": Range(int, low=1, off="switches it off"),
+    "top_p": _FRACTION,
+    "min_p": _FRACTION,
+    "repetition_penalty": Range(float, low=0, low_open=True),  # 1 is off
+}
 
 
 def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
@@ -212,7 +224,9 @@ def generate(
     Shapes: idx (B, T) -> (B, T + N), N <= max_new_tokens.
     Raises ValueError for an empty prompt or bad sampling arguments.
     """
-    check_decoding(model, idx, max_new_tokens, repetition_penalty)
+    check_decoding(model, idx, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty)  # fmt: skip
     stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=idx.device)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
     new_tokens: list[Tensor] = []
@@ -283,7 +297,8 @@ def stream(
     device = next(model.parameters()).device
     idx = torch.as_tensor(prompt, dtype=torch.long, device=device)
     idx = idx.reshape(1, -1)  # (1, T)
-    check_decoding(model, idx, max_new_tokens, kwargs.get("repetition_penalty", 1.0))
+    sampling = {k: v for k, v in kwargs.items() if k in SAMPLING_RANGES}
+    check_decoding(model, idx, max_new_tokens=max_new_tokens, **sampling)
     was_training = model.training
     model.eval()
     try:
@@ -346,32 +361,36 @@ def held_back(text: str, stop: Sequence[str]) -> int:
 def token_bytes(tokenizer: BPETokenizer, token: int) -> bytes:
     """Return the bytes of one token (a piece of UTF-8, possibly not a whole character).
 
-    Ordinary tokens are `tokenizer.vocab[token]`; a special token is its own text.
+    Ordinary tokens are `tokenizer.vocab[token]`; a special token is its own text. A
+    model may have more ids than its tokenizer (a 4096-id model trained on data of a
+    smaller vocabulary): an id the tokenizer lacks shows as U+FFFD.
     """
     if 0 <= token < len(tokenizer.vocab):
         return tokenizer.vocab[token]
+    if token >= tokenizer.vocab_size:
+        return "\ufffd".encode()
     return tokenizer.decode([token]).encode("utf-8")
 
 
-def check_decoding(
-    model: GPT, idx: Tensor, max_new_tokens: int, repetition_penalty: float
-) -> None:
+def decode_tokens(tokenizer: BPETokenizer, ids: Sequence[int]) -> str:
+    """Return the text of generated `ids`, as `token_bytes` shows each of them."""
+    return b"".join(token_bytes(tokenizer, i) for i in ids).decode(errors="replace")
+
+
+def check_decoding(model: GPT, idx: Tensor, **settings: float | None) -> None:
     """Raise ValueError, naming the fix, for arguments no decoding step could accept.
 
-    A prompt longer than the context is not an error: decoding keeps its last
-    context_length tokens, and this warns that the model will not see the rest.
+    `settings` are `max_new_tokens` and the sampling arguments, checked by
+    `SAMPLING_RANGES`. A prompt longer than the context is not an error: decoding keeps
+    its last context_length tokens, and this warns that the model will not see the rest.
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(
             f"the prompt has shape {tuple(idx.shape)} but decoding needs (batch_size, T) "
             "with T >= 1; start an empty prompt with the end-of-text token"
         )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if repetition_penalty <= 0:
-        raise ValueError(
-            f"repetition_penalty={repetition_penalty} must be > 0 (1 switches it off)"
-        )
+    for name, value in settings.items():
+        SAMPLING_RANGES[name].check(name, value)
     context_length = model.config.context_length
     if idx.shape[1] > context_length:
         warnings.warn(

@@ -27,6 +27,7 @@ from buildllm.attention import (
     RoPE,
     make_dropout,
 )
+from buildllm.checks import Range, check_fields, check_token_ids
 
 # SwiGLU's hidden width 8d/3 rounded up to a multiple of 64, which GPU matmuls like.
 SWIGLU_MULTIPLE = 64
@@ -49,6 +50,17 @@ _CHOICES = {
     "rope_pairing": ("half", "interleaved"),
     "attn_impl": ("manual", "fast"),
 }
+
+_SIZE = Range(int, low=1)
+MODEL_RANGES = {
+    **dict.fromkeys(("vocab_size", "context_length", "d_model", "n_layers", "n_heads"),
+                    _SIZE),
+    "n_kv_heads": Range(int, low=1, off="gives every query head its own K/V head"),
+    "d_ff": Range(int, low=1, off="picks the MLP's usual width"),
+    "rope_base": Range(float, low=0, low_open=True),
+    "dropout": Range(float, low=0, high=1, high_open=True),
+    "norm_eps": Range(float, low=0, low_open=True),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,9 +92,7 @@ class GPTConfig:
     attn_impl: Impl = "fast"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        check_fields(self, MODEL_RANGES)  # integers >= 1, dropout in [0, 1), ...
         if self.d_model % self.n_heads != 0:
             nearest = max(h for h in range(1, self.n_heads) if self.d_model % h == 0)
             raise ValueError(
@@ -106,8 +116,6 @@ class GPTConfig:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r}: use one of {allowed}"
                 )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.d_ff is None:
             d_ff, m = 4 * self.d_model, SWIGLU_MULTIPLE
             if self.mlp == "swiglu":  # 2/3 of 4d, so 3 matrices cost what 2 did
@@ -268,7 +276,7 @@ class GPT(nn.Module):
         positions (after the cache's) run past context_length.
         """
         start = 0 if kv_cache is None else kv_cache.length
-        check_token_ids(idx, self.config.context_length, start)
+        check_token_ids(idx, self.config, start)
         T = idx.shape[1]
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:  # rows start .. start + T - 1 of the table
@@ -309,28 +317,6 @@ def make_norm(config: GPTConfig) -> LayerNorm | RMSNorm:
     if config.norm == "rmsnorm":
         return RMSNorm(config.d_model, config.norm_eps)
     return LayerNorm(config.d_model, config.norm_eps, bias=config.bias)
-
-
-def check_token_ids(idx: Tensor, context_length: int, start: int = 0) -> None:
-    """Raise TypeError or ValueError if `idx` cannot follow `start` positions."""
-    if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int32):
-        kind = idx.dtype if isinstance(idx, Tensor) else type(idx).__name__
-        raise TypeError(
-            f"token ids must be a torch.long (or int32) tensor, got {kind}; "
-            "convert with torch.as_tensor(ids, dtype=torch.long)"
-        )
-    if idx.dim() != 2:
-        raise ValueError(
-            f"token ids must have shape (batch_size, T), got {tuple(idx.shape)}; "
-            "add a batch dimension with idx[None]"
-        )
-    if start + idx.shape[1] > context_length:
-        cached = f" after {start} cached positions" if start else ""
-        raise ValueError(
-            f"input has {idx.shape[1]} positions{cached} but context_length="
-            f"{context_length}; keep the last context_length tokens "
-            "(idx[:, -context_length:]) or build a model with a larger context_length"
-        )
 
 
 def count_params(module: nn.Module) -> int:

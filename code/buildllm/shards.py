@@ -34,6 +34,7 @@ from buildllm.data import (
     token_dtype,
     write_tokens,
 )
+from buildllm.runfolder import write_atomic
 from buildllm.tokenizer import BPETokenizer, gpt2_tokenizer
 
 FINEWEB_EDU = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main"
@@ -247,9 +248,7 @@ def prepare_dataset(
             paths = write_shards(chunks, *args, **header)
     tokenizer.save(out_dir / "tokenizer.json")
     record = {**settings, "shards": [p.name for p in paths]}
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, manifest)
+    write_atomic(manifest, json.dumps(record, indent=1))
     return paths
 
 

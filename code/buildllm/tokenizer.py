@@ -15,14 +15,19 @@ import hashlib
 import importlib.util
 import json
 import operator
-import os
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import regex
-
-from buildllm.bpe import bpe_merges, count_words, rechunk, special_split
+from buildllm.bpe import (
+    bpe_merges,
+    compile_pattern,
+    count_words,
+    rechunk,
+    special_split,
+)
+from buildllm.checks import check_file
+from buildllm.runfolder import write_atomic
 
 if TYPE_CHECKING:
     import tiktoken
@@ -82,12 +87,7 @@ class BPETokenizer:
                 f"and lacks {missing} of the 256 single bytes; every byte must appear "
                 "exactly once so that any text can be encoded"
             )
-        try:
-            self._regex = regex.compile(pattern)
-        except regex.error as err:
-            raise ValueError(
-                f"pattern {pattern!r} is not a valid regex: {err}"
-            ) from None
+        self._regex = compile_pattern(pattern)  # one that keeps every character
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -109,6 +109,7 @@ class BPETokenizer:
         non-UTF-8 corpus; TypeError for special_tokens given as one string.
         """
         pattern = PATTERNS.get(pattern, pattern)
+        compile_pattern(pattern)  # before the corpus is read: fail fast
         if isinstance(special_tokens, str):
             raise TypeError(
                 f"special_tokens must be a list of strings, e.g. [{special_tokens!r}]"
@@ -299,17 +300,12 @@ class BPETokenizer:
         index i), "merges" ([id_a, id_b] in training order; token 256 + k came from
         merge k unless it repeats an earlier token's bytes).
         """
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)  # a crash never leaves a half-written tokenizer
+        write_atomic(path, self.to_bytes())  # never a half-written tokenizer
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
         """Read a tokenizer written by `save`; ValueError if the file is not one."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        path = check_file(path, "tokenizer file")
         try:
             state = json.loads(path.read_bytes())
             if state.get("format") != FORMAT or state.get("version") != 1:

@@ -12,7 +12,6 @@ train.py and llm.c's GPT-2 small recipe (Karpathy 2023-24); GPT-2: Radford et al
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,11 +23,13 @@ import torch
 from tqdm import tqdm
 
 from buildllm.checkpoint import (
+    METRICS,
     append_metrics,
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
     load_model,
+    prune_checkpoints,
     read_metrics,
     restore_checkpoint,
     rng_states,
@@ -36,6 +37,7 @@ from buildllm.checkpoint import (
     set_rng_states,
     truncate_metrics,
 )
+from buildllm.checks import Range, check_fields
 from buildllm.data import get_batch, get_cache_dir
 from buildllm.distributed import (
     TOKENIZER,
@@ -54,6 +56,7 @@ from buildllm.distributed import (
 from buildllm.evaluate import bits_per_byte, bytes_per_token
 from buildllm.model import GPT, PRESETS, GPTConfig, flops_per_token
 from buildllm.optim import clip_grad_norm, cross_entropy, lr_at, make_optimizer
+from buildllm.runfolder import RunLock, remove_run_files
 from buildllm.tokenizer import BPETokenizer
 
 # llm.c's GPT-2 small recipe: 8 x 1024 x 64 = 524,288 tokens a step, 10B in all.
@@ -72,6 +75,20 @@ RESUME_MAY_DIFFER = (
     "device", "dtype", "compile", "out_dir", "max_steps", "eval_interval", "strategy",
     "checkpoint_interval", "keep_checkpoints", "sample_tokens", "peak_flops",
 )  # fmt: skip
+
+_STEPS = Range(int, low=1)
+# The allowed values of TrainConfig's numbers; `buildllm train` checks its flags by them.
+TRAIN_RANGES = {
+    **dict.fromkeys(("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
+                     "eval_steps", "checkpoint_interval", "keep_checkpoints"), _STEPS),
+    "warmup_steps": Range(int, low=0), "seed": Range(int, low=0, high=2**64 - 1),
+    "max_lr": Range(float, low=0, low_open=True), "min_lr": Range(float, low=0),
+    "weight_decay": Range(float, low=0), "eps": Range(float, low=0, low_open=True),
+    **dict.fromkeys(("beta1", "beta2"), Range(float, low=0, high=1, high_open=True)),
+    "grad_clip": Range(float, low=0, low_open=True, off="switches clipping off"),
+    "sample_tokens": Range(int, low=1, off="switches samples off"),
+    "peak_flops": Range(float, low=0, low_open=True, off="looks the GPU up"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -122,16 +139,12 @@ class TrainConfig:
             object.__setattr__(self, "model", GPTConfig.from_preset(self.preset))
         elif isinstance(self.model, dict):  # as asdict() wrote it into a checkpoint
             object.__setattr__(self, "model", GPTConfig(**self.model))
-        positive = ("batch_size", "grad_accum_steps", "max_steps", "eval_steps",
-                    "eval_interval", "checkpoint_interval",
-                    "keep_checkpoints")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if not 0 <= self.min_lr <= self.max_lr:
-            raise ValueError(f"need 0 <= min_lr={self.min_lr} <= max_lr={self.max_lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be at least 0")
+        check_fields(self, TRAIN_RANGES)
+        if self.min_lr > self.max_lr:
+            raise ValueError(
+                f"min_lr={self.min_lr} must not exceed max_lr={self.max_lr}; "
+                "the cosine decays from max_lr down to min_lr"
+            )
         choices = {
             "dtype": ("auto", "float32", "bfloat16"),
             "impl": ("manual", "fast"),
@@ -196,20 +209,18 @@ class Trainer:
             model, c.max_lr, c.weight_decay, (c.beta1, c.beta2), c.eps, c.impl
         )
         self.step, self.out_dir = 0, Path(c.out_dir)
-        found = latest_checkpoint(self.out_dir)
-        if found is None and resume:
-            raise FileNotFoundError(f"{self.out_dir} holds no checkpoint to --resume")
-        if found is not None and not resume:
-            raise ValueError(
-                f"{self.out_dir} already holds a run ({found.name}); pass --resume to "
-                "continue it or choose another --out-dir"
-            )
-        if found is not None:
-            self.resume_from(found)
-        elif self.dist.is_main:  # a fresh run: drop metrics of a run killed early
-            truncate_metrics(self.out_dir, -1)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save(self.out_dir / TOKENIZER)
+        self.lock = RunLock(self.out_dir)
+        if self.dist.is_main:  # refuse to spoil another run's files; then lock
+            self.lock.claim(resume, lambda: latest_checkpoint(self.out_dir) is not None)
+        try:
+            found = latest_checkpoint(self.out_dir)
+            if found is not None:
+                self.resume_from(found)
+            elif self.dist.is_main:  # fresh, or resuming a run killed before step 1's
+                self.restart_unsaved_run()
+        except BaseException:
+            self.lock.release()
+            raise
         if c.compile:
             self.model = torch.compile(self.model)
 
@@ -251,28 +262,38 @@ class Trainer:
         """
         c, records = self.config, []
         quiet = None if self.progress else True  # None: on only at a terminal
-        bar = tqdm(total=c.max_steps, initial=self.step, unit="step", unit_scale=True,
-                   disable=quiet, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-        if self.step == 0:
-            records.append(self.record({"step": 0}, evaluate=True))
-        for step in range(self.step + 1, c.max_steps + 1):
-            start = time.perf_counter()
-            metrics = self.train_step(step - 1)
-            tokens_per_s = self.tokens_per_step / (time.perf_counter() - start)
-            mfu = None
-            if self.peak_flops:  # model FLOP/s over what the devices could do
-                world_peak = self.peak_flops * self.dist.world_size
-                mfu = self.flops_per_token * tokens_per_s / world_peak
-            self.step = step
-            record = {"step": step, **metrics, "tokens": step * self.tokens_per_step,
-                      "tokens_per_s": tokens_per_s, "mfu": mfu}  # fmt: skip
-            due = step % c.eval_interval == 0 or step == c.max_steps
-            records.append(self.record(record, evaluate=due))
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if step % c.checkpoint_interval == 0 or step == c.max_steps:
-                self.save()
-        bar.close()
+        bar = tqdm(total=c.max_steps, initial=self.step, unit="step", disable=quiet,
+                   file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+        every = max(1, c.max_steps // 20)  # a plain line when no bar shows: a pipe
+        plain = self.progress and bar.disable
+        if self.dist.is_main:
+            self.lock.acquire()
+        try:
+            if self.step == 0:
+                records.append(self.record({"step": 0}, evaluate=True))
+            for step in range(self.step + 1, c.max_steps + 1):
+                start = time.perf_counter()
+                metrics = self.train_step(step - 1)
+                tokens_per_s = self.tokens_per_step / (time.perf_counter() - start)
+                mfu = None
+                if self.peak_flops:  # model FLOP/s over what the devices could do
+                    world_peak = self.peak_flops * self.dist.world_size
+                    mfu = self.flops_per_token * tokens_per_s / world_peak
+                self.step = step
+                record = {"step": step, **metrics, "tokens": step * self.tokens_per_step,
+                          "tokens_per_s": tokens_per_s, "mfu": mfu}  # fmt: skip
+                due = step % c.eval_interval == 0 or step == c.max_steps
+                records.append(self.record(record, evaluate=due))
+                bar.update(1)
+                shown = f"loss {metrics['loss']:.3f}, {tokens_per_s:,.0f} tokens/s"
+                bar.set_postfix_str(shown)
+                if plain and (step % every == 0 or step == c.max_steps):
+                    self.say(f"step {step}/{c.max_steps}: {shown}")
+                if step % c.checkpoint_interval == 0 or step == c.max_steps:
+                    self.save()
+        finally:
+            bar.close()
+            self.lock.release()
         return records
 
     @torch.no_grad()
@@ -303,7 +324,7 @@ class Trainer:
 
         An empty prompt starts from the end-of-text token, like a new document.
         """
-        from buildllm.generate import generate
+        from buildllm.generate import decode_tokens, generate
 
         ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id or 0]
         idx = torch.tensor([ids], device=self.device)  # (1, T)
@@ -312,7 +333,7 @@ class Trainer:
         with self.autocast():
             out = generate(model, idx, max_new_tokens, top_k=40, generator=generator)
         model.train()
-        return self.tokenizer.decode(out[0, len(ids) :].tolist())
+        return decode_tokens(self.tokenizer, out[0, len(ids) :].tolist())
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step; all processes join, rank 0 writes."""
@@ -337,14 +358,29 @@ class Trainer:
         check_resumable(state["train_config"], asdict(self.config), RESUME_MAY_DIFFER)
         if state["tokenizer_hash"] != self.tokenizer.hash:
             raise ValueError(f"{folder} used another tokenizer; resume with its --data")
+        if state["step"] > self.config.max_steps:
+            raise ValueError(
+                f"{folder} is at step {state['step']}, past --max-steps "
+                f"{self.config.max_steps}; pass --max-steps {state['step']} or more"
+            )
         set_rng_states(state["rng"])
         self.batches.load_state_dict(state["data"])
         self.step = state["step"]
-        if self.dist.is_main:
-            truncate_metrics(
-                self.out_dir, self.step
-            )  # steps logged after the checkpoint
+        if self.dist.is_main:  # a killed run logged steps after its checkpoint, and
+            truncate_metrics(self.out_dir, self.step)  # may have been killed pruning
+            prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
         self.say(f"resumed from {folder} at step {self.step}")
+
+    def restart_unsaved_run(self) -> None:
+        """Start at step 0, as does a run killed before its first checkpoint (same data)."""
+        saved = self.out_dir / TOKENIZER
+        if saved.is_file() and BPETokenizer.load(saved).hash != self.tokenizer.hash:
+            raise ValueError(
+                f"{saved} is not the tokenizer of --data {self.config.data}; resume "
+                "with the run's --data or choose another --out-dir"
+            )
+        truncate_metrics(self.out_dir, -1)  # what a killed run logged runs again
+        self.tokenizer.save(saved)
 
     def record(self, record: dict[str, Any], evaluate: bool) -> dict[str, Any]:
         """Add val_loss and a sample to `record` if `evaluate`, log and write it."""
@@ -388,10 +424,11 @@ def train_tiny(
     Returns (model in eval mode, tokenizer, metric records). `out_dir` defaults to
     `data.get_cache_dir() / "tiny-model"`, which the book's chapters share, so it
     trains once. A finished run with the same settings is loaded, an unfinished one
-    resumed, one with other settings deleted and trained again; a lock file makes
-    concurrent callers wait for one trainer. Trains on every core PyTorch uses: on 2
-    cores 1.7-1.9x the speed of one thread (measured), at the price of results that
-    differ in their last digits between machines with different core counts.
+    resumed, one with other settings (or killed before its first checkpoint) deleted
+    and trained again (only the run's own files: `runfolder.RUN_FILES`); a lock file
+    makes concurrent callers wait for one trainer. Trains on every core PyTorch uses:
+    on 2 cores 1.7-1.9x the speed of one thread (measured), at the price of results
+    that differ in their last digits between machines with different core counts.
     """
     import fcntl  # POSIX: the book builds on Linux and macOS
 
@@ -402,8 +439,9 @@ def train_tiny(
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per folder; the others wait
         found = latest_checkpoint(out_dir)
         saved = load_checkpoint(found)[1] if found is not None else None
-        if saved is not None and saved["train_config"] != asdict(config):
-            shutil.rmtree(out_dir)
+        stale = saved is not None and saved["train_config"] != asdict(config)
+        if stale or (saved is None and (out_dir / METRICS).is_file()):
+            remove_run_files(out_dir)  # its own run's files, nothing the user put there
             saved = None
         if saved is None or saved["step"] < config.max_steps:
             Trainer(config, resume=saved is not None, progress=progress).fit()

@@ -1,0 +1,181 @@
+"""The rules user-given numbers must follow, checked once for configs and CLI flags.
+
+A `Range` states the allowed interval of one numeric setting (an integer >= 1, a number
+in (0, 1], ...) and what `None` means for it, if anything. The config dataclasses check
+their fields with `check_fields` in `__post_init__`, and the command line builds each
+flag's argparse `type` from the same `Range`, so a bad value is refused where it is
+typed, with the range in the message, and never reaches a training run. NaN and
+infinities are outside every range: a NaN compares false with everything and would slip
+through a hand-written `x < 0` test. `check_token_ids` is the same for a model's input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # hints only: model.py imports this module, tokenizers need no torch
+    from torch import Tensor
+
+    from buildllm.model import GPTConfig
+
+
+class UsageError(ValueError):
+    """A value the user typed breaks a rule: the command line exits with code 2."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval of an int or float setting, ends included unless `*_open`.
+
+    `off` says what None does for the setting (e.g. "switches clipping off"); a setting
+    without it must be a number.
+    """
+
+    kind: type = int
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    off: str | None = None
+
+    @property
+    def rule(self) -> str:
+        """The rule in words: "an integer >= 1", "a number in (0, 1]"."""
+        what = "an integer" if self.kind is int else "a number"
+        low, high = (
+            None if x is None else f"{int(x)}" if self.kind is int else f"{x:g}"
+            for x in (self.low, self.high)
+        )
+        if low is not None and high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{what} in {left}{low}, {high}{right}"
+        if low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        if high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {high}"
+        return "a finite number" if self.kind is float else what
+
+    def explain(self, none_word: str) -> str:
+        """Return the rule plus what `none_word` (None, or 'none' on the CLI) does."""
+        return self.rule + (f" ({none_word} {self.off})" if self.off else "")
+
+    def check(self, name: str, value: object) -> None:
+        """Raise TypeError or ValueError, naming `name` and the rule, if `value` breaks it."""
+        if value is None and self.off:
+            return
+        if self.kind is int and not _is_int(value):
+            raise TypeError(f"{name}={value!r} must be {self.explain('None')}")
+        if not _is_number(value) or not self.contains(float(value)):
+            raise ValueError(f"{name}={value!r} must be {self.explain('None')}")
+
+    def contains(self, x: float) -> bool:
+        """True if the finite number `x` lies in the range."""
+        if not math.isfinite(x):
+            return False
+        below = self.low is not None and (
+            x <= self.low if self.low_open else x < self.low
+        )
+        above = self.high is not None and (
+            x >= self.high if self.high_open else x > self.high
+        )
+        return not (below or above)
+
+    def parse(self, text: str) -> int | float | None:
+        """Turn a flag's text into a value in the range ('none' or 'off' for None).
+
+        Meant as an argparse `type`: raises `argparse.ArgumentTypeError`, so argparse
+        reports "argument --flag: ..." and exits with code 2.
+        """
+        if self.off and text.strip().lower() in ("none", "off"):
+            return None
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not self.contains(float(value)):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {self.explain(repr('none'))}"
+            )
+        return value
+
+
+def check_fields(obj: object, ranges: Mapping[str, Range]) -> None:
+    """Check each attribute of `obj` named in `ranges` (a config's `__post_init__`)."""
+    for name, allowed in ranges.items():
+        allowed.check(name, getattr(obj, name))
+
+
+def check_token_ids(idx: Tensor, config: GPTConfig, start: int = 0) -> None:
+    """Raise TypeError or ValueError if `idx` cannot follow `start` positions.
+
+    Ids outside 0..vocab_size-1 would index past the embedding table (the message names
+    the vocabulary); the range test is skipped while torch.compile traces the model.
+    """
+    import torch
+    from torch import Tensor
+
+    if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int32):
+        kind = idx.dtype if isinstance(idx, Tensor) else type(idx).__name__
+        raise TypeError(
+            f"token ids must be a torch.long (or int32) tensor, got {kind}; "
+            "convert with torch.as_tensor(ids, dtype=torch.long)"
+        )
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(
+            f"token ids must have shape (batch_size, T) with T >= 1, got "
+            f"{tuple(idx.shape)}; add a batch dimension with idx[None], or start an "
+            "empty text with the end-of-text token"
+        )
+    if start + idx.shape[1] > config.context_length:
+        cached = f" after {start} cached positions" if start else ""
+        raise ValueError(
+            f"input has {idx.shape[1]} positions{cached} but context_length="
+            f"{config.context_length}; keep the last context_length tokens "
+            "(idx[:, -context_length:]) or build a model with a larger context_length"
+        )
+    V = config.vocab_size
+    if not torch.compiler.is_compiling() and bool(((idx < 0) | (idx >= V)).any()):
+        bad = idx[(idx < 0) | (idx >= V)][:3].tolist()
+        raise ValueError(
+            f"token ids {bad} are outside the model's vocabulary 0..{V - 1}; encode "
+            f"with the tokenizer the model was trained with (vocab_size={V})"
+        )
+
+
+def check_file(path: str | Path, what: str) -> Path:
+    """Return `path` if it is a file; else raise FileNotFoundError naming `what`.
+
+    A folder where a file belongs gets its own message: "does not exist" would mislead.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{what} {path} is a folder, not a file; pass a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path
+
+
+def _is_int(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)  # int, numpy and torch integers; not 10.5
+    except TypeError:
+        return False
+    return True
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
