@@ -188,7 +188,7 @@ CASES = [
         "missing data",
         [*T, "--data", "{missing}", "--out-dir", "{root}/r"],
         1,
-        ["does not exist", "--data embedded"],
+        ["does not exist", "--data shakespeare"],
     ),
     # ---- sample
     ("temperature negative", [*S, "--temperature", "-1"], 2, ["--temperature", ">= 0"]),
