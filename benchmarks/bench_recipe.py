@@ -95,12 +95,12 @@ def score(config: TrainConfig, folder: Path) -> dict[str, Any]:
     mc = trainer.model_config
     loss = evaluate_loss(
         trainer.model,
-        trainer.val_tokens,
+        trainer.objective.val_tokens,
         mc.context_length,
         batch_size=64,
         progress=False,
     )
-    per_token = bytes_per_token(trainer.val_tokens, trainer.tokenizer)
+    per_token = bytes_per_token(trainer.objective.val_tokens, trainer.tokenizer)
     return {
         "val_bpb": bits_per_byte(loss, per_token),
         "val_loss": loss,
