@@ -23,7 +23,6 @@ all of its validation works (`evaluate_loss` over consecutive windows, then
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import emit
 
 from buildllm.evaluate import bits_per_byte, bytes_per_token, evaluate_loss
 from buildllm.model import GPTConfig, count_params
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"sweep: {name}"] = score(run, folder / f"sweep{i}")
                 print(name, results[f"sweep: {name}"]["val_bpb"], file=sys.stderr)
     results["torch_threads"] = torch.get_num_threads()
-    text = json.dumps({"benchmark": "recipe", "results": results}, indent=1)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit({"benchmark": "recipe", "results": results}, args.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ completes) and reports the final validation loss, the number later changes compa
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import bench_parser, matmul_peak, sync
+from common import bench_parser, emit, matmul_peak, sync
 
 from buildllm.corpora import EMBEDDED
 from buildllm.data import write_tokens
@@ -140,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"{preset}.{impl}"] = time_steps(run, args.steps, peak)
         if args.quality_minutes > 0:
             results["quality_tiny"] = quality_run(args.quality_minutes, device, folder)
-    payload = {"benchmark": "train", "results": results}
-    text = json.dumps(payload, indent=1)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit({"benchmark": "train", "results": results}, args.json)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ no datasheet is involved: bf16 on CUDA (how models train there), float32 on CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -46,3 +47,12 @@ def bench_parser(doc: str, steps: int) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=steps, help="timed steps per case")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     return parser
+
+
+def emit(payload: dict, path: Path | None) -> int:
+    """Print a benchmark's JSON result and, with --json PATH, write it there; return 0."""
+    text = json.dumps(payload, indent=1)
+    if path:
+        path.write_text(text + "\n")
+    print(text)
+    return 0
