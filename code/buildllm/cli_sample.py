@@ -12,7 +12,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from buildllm.checks import Range
+from buildllm.checks import SAMPLING_RULES, Range
 from buildllm.cli_data import load_tokenizer
 
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
@@ -34,8 +34,6 @@ def _stop_text(text: str) -> str:
 
 
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    from buildllm.generate import SAMPLING_RANGES
-
     p = sub.add_parser(
         "sample",
         help="continue a prompt with a trained model, printing tokens as they come",
@@ -70,7 +68,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         "run's own, or the folder's vocab.json + merges.txt, or GPT-2's",
     )
     p.add_argument("--prompt", action="append", help="text to continue (repeatable)")
-    rule = SAMPLING_RANGES  # the rules `generate` checks, applied as each flag is read
+    rule = SAMPLING_RULES  # the rules `generate` checks, applied as each flag is read
     p.add_argument("--max-new-tokens", type=rule["max_new_tokens"].parse, default=200,
                    help="tokens to add")  # fmt: skip
     p.add_argument("--temperature", type=rule["temperature"].parse, default=1.0,

@@ -11,7 +11,7 @@ import argparse
 import json
 import re
 
-from buildllm.checks import UsageError
+from buildllm.checks import TRAIN_RULES, Range, UsageError
 
 # ---------------------------------------------------------------- train / plot
 TRAIN_HELP = {
@@ -51,7 +51,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     from dataclasses import fields
 
     from buildllm import model as gpt
-    from buildllm.train import TRAIN_RANGES, TrainConfig
+    from buildllm.train import TrainConfig
 
     big = TrainConfig.from_preset("gpt2-124m")
     model = gpt.GPTConfig.from_preset("gpt2-124m")
@@ -100,8 +100,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            allowed = TRAIN_RANGES.get(f.name)  # the config's own rule, checked here
-            kwargs["type"] = allowed.parse if allowed else type(default)
+            rule = TRAIN_RULES.get(f.name)  # the config's own rule, checked here
+            kwargs["type"] = rule.parse if isinstance(rule, Range) else type(default)
             kwargs["choices"] = choices.get(f.name)
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
