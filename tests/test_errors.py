@@ -169,7 +169,7 @@ CASES = [
         "resume other settings",
         [*T, "--batch-size", "3", "--resume", "--out-dir", "{run}"],
         1,
-        ["batch_size", "same settings"],
+        ["--batch-size 2 (now 3)", "same settings"],
     ),
     (
         "resume past max steps",

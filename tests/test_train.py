@@ -178,7 +178,7 @@ def test_a_fresh_run_refuses_an_out_dir_that_holds_a_run(tmp_path, capsys):
 
 def test_resume_refuses_other_settings_and_another_model(tmp_path):
     Trainer(replace(SMALL, out_dir=str(tmp_path), max_steps=2), progress=False).fit()
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size 2 \\(now 3\\)"):
         Trainer(replace(SMALL, out_dir=str(tmp_path), batch_size=3), resume=True)
     with pytest.raises(ValueError, match="another model config"):
         load_checkpoint(

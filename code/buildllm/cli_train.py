@@ -146,7 +146,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
-            shown = f"{value:.4f}" if isinstance(value, float) else value
+            spec = (
+                ",.0f" if key == "tokens_per_s" else ".4f"
+            )  # a rate needs no decimals
+            shown = f"{value:{spec}}" if isinstance(value, float) else value
             print(f"{key:>12}: {shown}")
     return 0
 
