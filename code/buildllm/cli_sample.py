@@ -12,7 +12,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from buildllm.checks import SAMPLING_RULES, Range
+from buildllm.checks import SAMPLING_RULES, TRAIN_RULES, Range
 from buildllm.cli_data import load_tokenizer
 
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # type hints only: each command imports what it runs
 
 
 # ---------------------------------------------------------------- sample
-SEED = Range(int, low=0, high=2**64 - 1)
 POSITIVE = Range(int, low=1)
 OPTIONAL_POSITIVE = Range(int, low=1, off="means all")
 
@@ -83,7 +82,12 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    default=1.0, help="> 1 discourages repeats")  # fmt: skip
     p.add_argument("--stop", action="append", default=[], type=_stop_text,
                    help="stop text (repeatable)")  # fmt: skip
-    p.add_argument("--seed", type=SEED.parse, default=1337, help="same seed, same text")
+    p.add_argument(
+        "--seed",
+        type=TRAIN_RULES["seed"].parse,
+        default=1337,
+        help="same seed, same text",
+    )
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with the KV cache")  # fmt: skip
     p.add_argument(

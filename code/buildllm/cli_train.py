@@ -11,7 +11,7 @@ import argparse
 import json
 import re
 
-from buildllm.checks import TRAIN_RULES, Range, UsageError
+from buildllm.checks import TRAIN_RULES, OneOf, Range, UsageError
 
 # ---------------------------------------------------------------- train / plot
 TRAIN_HELP = {
@@ -89,9 +89,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--data fineweb-edu\n"
         "  buildllm plot runs/tiny -o loss.svg",
     )
-    choices = {"preset": list(gpt.PRESETS), "dtype": ["auto", "float32", "bfloat16"],
-               "impl": ["manual", "fast"], "strategy": ["ddp", "fsdp"],
-               "device": ["auto", "cpu", "cuda", "mps"]}  # fmt: skip
+    choices = {"preset": list(gpt.PRESETS), "device": ["auto", "cpu", "cuda", "mps"]}
     for f in fields(TrainConfig):
         default, other = f.default, getattr(big, f.name)
         differs = other != default and f.name not in ("preset", "out_dir")
@@ -102,7 +100,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         else:
             rule = TRAIN_RULES.get(f.name)  # the config's own rule, checked here
             kwargs["type"] = rule.parse if isinstance(rule, Range) else type(default)
-            kwargs["choices"] = choices.get(f.name)
+            kwargs["choices"] = rule.words if isinstance(rule, OneOf) else None
+            kwargs["choices"] = kwargs["choices"] or choices.get(f.name)
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
     p.add_argument("--resume", action="store_true",
@@ -131,9 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
         destroy_distributed(trainer.dist)
     if not trainer.dist.is_main:
         return 0
-    logged = read_metrics(
-        config.out_dir
-    )  # the whole run, also what ran before a resume
+    logged = read_metrics(config.out_dir)  # the whole run, also before a resume
     evaluated = [r for r in logged if "val_loss" in r]
     summary = {
         "out_dir": config.out_dir,
