@@ -7,6 +7,7 @@ corpora (`data list`), and the contract of one-line errors with exit codes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import platform
 
@@ -14,7 +15,7 @@ import torch
 
 from buildllm import cli
 from buildllm.cli import describe_error, main
-from buildllm.data import CORPORA
+from buildllm.data import CORPORA, Corpus
 
 
 def test_info_reports_the_versions_and_the_device_torch_sees(capsys):
@@ -62,3 +63,21 @@ def test_a_handler_that_raises_an_os_error_exits_with_one_and_one_line(
         err[0]
         == "buildllm: error: no permission to use /root/x; choose a path you may write to"
     )
+
+
+def test_data_download_caches_a_corpus_and_keeps_a_part_file_that_is_already_whole(
+    http_server, tmp_path, capsys, monkeypatch
+):
+    body = b"to be, or not to be\n" * 100
+    http_server.files["/c.txt"] = body
+    digest = hashlib.sha256(body).hexdigest()
+    corpus = Corpus("test", http_server.url("/c.txt"), digest, "c.txt", "a test corpus")
+    monkeypatch.setitem(CORPORA, "test", corpus)
+    argv = ["data", "download", "test", "--cache-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert capsys.readouterr().out.strip() == str(tmp_path / "c.txt")
+    (tmp_path / "c.txt").rename(tmp_path / "c.txt.part")  # killed after the last byte
+    assert main(argv) == 0  # the server answers 416: nothing left, the part is whole
+    assert http_server.requests[-1] == ("/c.txt", f"bytes={len(body)}-")
+    assert (tmp_path / "c.txt").read_bytes() == body
