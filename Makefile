@@ -17,7 +17,7 @@ export IPYTHONDIR := $(CURDIR)/book/_ipython
 # clean build trains from scratch and a change to code/ retrains.
 export BUILDLLM_CACHE := $(CURDIR)/_build/cache
 
-.PHONY: setup html pdf test bench serve clean check-pdf
+.PHONY: setup html pdf test bench serve clean check-pdf mutate
 
 # ---- setup: idempotent; stamps make a second run free --------------------------------
 setup: $(VENV)/.stamp node_modules/.stamp
@@ -86,6 +86,10 @@ test: setup
 
 check-pdf: pdf
 	$(BIN)/python -m pytest -m book -q tests/test_book.py
+
+# Each named mutant of the orchestration (tests/mutants.py) must fail a test.
+mutate: setup
+	$(BIN)/python tests/mutants.py
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

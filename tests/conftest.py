@@ -62,7 +62,8 @@ def tiny_config():
 class FaultyServer(ThreadingHTTPServer):
     """Serves `files` ({url path: bytes}); `faults[path]` lists what the next requests
     do: "ok", "corrupt" (one byte flipped) or "truncate" (half the body, then hang up).
-    `requests` logs (path, Range header). Honors `Range: bytes=N-` with 206.
+    `requests` logs (path, Range header). Honors `Range: bytes=N-` with 206, and with
+    416 when N is at or past the end.
     """
 
     def __init__(self) -> None:
@@ -90,6 +91,9 @@ class _Handler(BaseHTTPRequestHandler):
         start = 0
         if (spec := self.headers.get("Range", "")).startswith("bytes="):
             start = int(spec[6:].split("-")[0])
+            if start >= len(body):  # nothing left to send, as real servers answer
+                self.send_error(416)
+                return
             self.send_response(206)
             self.send_header(
                 "Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}"

@@ -258,3 +258,11 @@ def test_mha_rejects_inconsistent_heads_and_unknown_impl():
         MultiHeadAttention(30, 4, 16)
     with pytest.raises(ValueError, match="impl"):
         MultiHeadAttention(32, 4, 16, impl="flash")
+
+
+def test_a_float32_kv_cache_returns_keys_and_values_in_the_dtype_of_the_new_ones():
+    cache = KVCache(1, 1, 2, 4, max_len=8)  # float32 storage
+    k = torch.randn(1, 2, 3, 4).to(torch.bfloat16)  # (B, Hkv, T, Dh), as under autocast
+    k_all, v_all = cache.update(0, k, -k)
+    assert k_all.dtype == v_all.dtype == torch.bfloat16
+    assert torch.equal(k_all, k) and torch.equal(v_all, -k)  # bf16 fits in float32

@@ -88,7 +88,7 @@ def run_bad(argv: list[str], capsys, root: Path) -> tuple[int, str]:
 RUN = ["--batch-size", "2", "--max-steps", "2", "--eval-interval", "2",
        "--eval-steps", "1", "--checkpoint-interval", "1", "--sample-tokens", "none",
        "--warmup-steps", "1", "--device", "cpu"]  # fmt: skip
-T = ["train", *RUN]
+T = ["train", *RUN, "--out-dir", "{root}/r"]  # a later --out-dir wins
 S = ["sample", "--checkpoint", "{run}", "--max-new-tokens", "2", "--device", "cpu"]
 E = ["eval", "--checkpoint", "{run}", "--device", "cpu"]
 TOK = ["tokenize", "train", "--input", "{file}", "--vocab-size", "260", "--workers",
@@ -169,7 +169,7 @@ CASES = [
         "resume other settings",
         [*T, "--batch-size", "3", "--resume", "--out-dir", "{run}"],
         1,
-        ["batch_size", "same settings"],
+        ["--batch-size 2 (now 3)", "same settings"],
     ),
     (
         "resume past max steps",
@@ -508,3 +508,39 @@ def test_a_copy_of_the_run_folder_stays_byte_identical_when_refused(world, tmp_p
     with pytest.raises(ValueError, match="already holds"):
         Trainer(replace(SMALL, out_dir=str(copy)), progress=False)
     assert snapshot(copy) == before
+
+
+def test_a_model_with_more_ids_than_its_data_tokenizer_trains_and_samples(
+    world, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = ["train", *RUN, "--data", str(world["data"]), "--sample-tokens", "8",
+            "--out-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0  # the 4096-id model samples ids the 300-id tokenizer lacks
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(out), "--max-new-tokens", "8",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_long_prompt_warning_is_one_line_without_a_source_path(world, capsys):
+    argv = [a.format(**world) for a in S] + ["--prompt", "x " * 300]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert warning == [warning[0]] and warning[0].startswith("buildllm: warning: ")
+    assert ".py" not in err and "context_length=128" in warning[0]
+
+
+def test_encode_from_a_terminal_says_it_reads_stdin(world, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("hello\n"))
+    assert main(["tokenize", "encode", "--tokenizer", str(world["tok"])]) == 0
+    captured = capsys.readouterr()
+    assert "reading the text from stdin" in captured.err and "Ctrl-D" in captured.err
+    assert captured.out.split()  # and it encoded what came

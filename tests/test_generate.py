@@ -124,6 +124,12 @@ def test_top_p_filter_keeps_the_smallest_set_of_likeliest_tokens_reaching_p():
     assert top_p_filter(logits, 1.0).isfinite().all()
 
 
+def test_top_p_keeps_only_the_likeliest_token_when_it_alone_holds_exactly_p():
+    # 0.5, 0.25, 0.25 are exact in binary: the mass before token 2 is exactly top_p
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert top_p_filter(logits, 0.5)[0].isfinite().tolist() == [True, False, False]
+
+
 def test_min_p_filter_keeps_tokens_at_least_min_p_times_the_likeliest():
     probs = torch.tensor([0.05, 0.5, 0.2, 0.25])
     kept = min_p_filter(probs.log()[None], 0.45)[0].isfinite()  # threshold 0.225
@@ -301,6 +307,35 @@ def test_stop_tokens_end_each_row_and_finished_rows_repeat_their_stop_token():
         9,
     ]
     assert list(stream(model, [1, 2], 2, temperature=0.0)) == [5, 6]
+
+
+class RowScriptedModel(ScriptedModel):
+    """A stand-in whose row b writes `scripts[b]`, whatever the input."""
+
+    def __init__(self, scripts: list[list[int]], prompt_len: int, vocab_size: int):
+        super().__init__(scripts[0], prompt_len, vocab_size)
+        self.scripts = scripts
+
+    def forward(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        n = start + T - self.prompt_len
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for row in range(B):
+            logits[row, -1, self.scripts[row][min(n, len(self.scripts[row]) - 1)]] = 1
+        return logits
+
+
+def test_a_finished_row_repeats_its_stop_token_and_batches_cut_completions_there():
+    model = RowScriptedModel([[5, 9, 6, 7], [5, 6, 7, 9]], prompt_len=2, vocab_size=16)
+    prompts = torch.tensor([[1, 2], [3, 4]])
+    out = generate(model, prompts, 10, temperature=0.0, stop_tokens={9})
+    assert out.tolist() == [[1, 2, 5, 9, 9, 9], [3, 4, 5, 6, 7, 9]]
+    completions = generate_batch(model, prompts.tolist(), 10, temperature=0.0,
+                                 stop_tokens=[9])  # fmt: skip
+    assert completions == [[5], [5, 6, 7]]  # each ends before its stop token
 
 
 def test_batched_prompts_of_different_lengths_match_decoding_each_alone():

@@ -15,6 +15,7 @@ from buildllm.hf import (
     config_to_hf,
     export_hf,
     gpt2_state_dict_from_hf,
+    infer_config,
     llama_config_to_hf,
     llama_state_dict_from_hf,
     load_hf_gpt2,
@@ -176,3 +177,13 @@ def test_modern_preset_matches_hugging_face_llama_logits_and_cached_decoding(
             ours(idx[:, t : t + 1], cache) for t in range(7, 32)
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_config_inferred_from_a_state_dict_is_the_one_that_built_it(tie):
+    config = GPTConfig(vocab_size=100, context_length=32, d_model=128, n_layers=3,
+                       n_heads=2, tie_embeddings=tie)  # fmt: skip
+    state = GPT(config).state_dict()
+    if tie:  # a tied head is tok_emb.weight; GPT-2's files store it once
+        del state["lm_head.weight"]
+    assert infer_config(state) == config

@@ -97,7 +97,9 @@ def test_a_fresh_run_never_writes_over_metrics_of_a_run_without_checkpoints(
 ):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "val_loss": 8.3}\n' * 121)
     before = files(tmp_path)
-    assert main(["train", "--out-dir", str(tmp_path), "--device", "cpu"]) == 1
+    flags = ["--batch-size", "1", "--max-steps", "1", "--eval-steps", "1",
+             "--sample-tokens", "none", "--device", "cpu"]  # fmt: skip
+    assert main(["train", *flags, "--out-dir", str(tmp_path)]) == 1
     assert "already holds metrics.jsonl" in capsys.readouterr().err
     assert files(tmp_path) == before
 

@@ -227,15 +227,15 @@ def check_resumable(
 
     Both are `asdict(TrainConfig)`; the settings named in `may_differ` may change.
     """
-    diff = {
-        name: (saved.get(name), value)
+    diff = [
+        f"--{name.replace('_', '-')} {saved.get(name)} (now {value})"
         for name, value in current.items()
         if name not in may_differ and saved.get(name) != value
-    }
+    ]  # in the terms of `buildllm train`'s flags, one per TrainConfig field
     if diff:
         raise ValueError(
-            f"the checkpoint's run used other settings (setting: (checkpoint, now) = "
-            f"{diff}); resume with the same settings or start a new --out-dir"
+            f"the checkpoint's run used {', '.join(diff)}; resume with the same "
+            "settings or start a new --out-dir"
         )
 
 

@@ -1,10 +1,12 @@
 """The rules user-given numbers must follow, checked once for configs and CLI flags.
 
 A `Range` states the allowed interval of one numeric setting (an integer >= 1, a number
-in (0, 1], ...) and what `None` means for it, if anything. The config dataclasses check
-their fields with `check_fields` in `__post_init__`, and the command line builds each
-flag's argparse `type` from the same `Range`, so a bad value is refused where it is
-typed, with the range in the message, and never reaches a training run. NaN and
+in (0, 1], ...) and what `None` means for it, if anything; `OneOf` the words of a string
+setting. The tables `MODEL_RULES`, `TRAIN_RULES` and `SAMPLING_RULES` hold the rule of
+every setting of GPTConfig, TrainConfig and decoding: the dataclasses check their fields
+with `check_fields` in `__post_init__`, and the command line builds each flag's argparse
+`type` from the same `Range`, so a bad value is refused where it is typed, with the
+range in the message, and never reaches a training run. NaN and
 infinities are outside every range: a NaN compares false with everything and would slip
 through a hand-written `x < 0` test. `check_token_ids` is the same for a model's input.
 """
@@ -105,10 +107,61 @@ class Range:
         return value
 
 
-def check_fields(obj: object, ranges: Mapping[str, Range]) -> None:
-    """Check each attribute of `obj` named in `ranges` (a config's `__post_init__`)."""
-    for name, allowed in ranges.items():
-        allowed.check(name, getattr(obj, name))
+@dataclass(frozen=True)
+class OneOf:
+    """The allowed words of a string setting, such as norm="layernorm" or "rmsnorm"."""
+
+    words: tuple[str, ...]
+
+    def check(self, name: str, value: object) -> None:
+        """Raise ValueError, naming `name` and the words, unless `value` is one."""
+        if value not in self.words:
+            raise ValueError(f"{name}={value!r} must be one of {', '.join(self.words)}")
+
+
+def check_fields(obj: object, rules: Mapping[str, Range | OneOf]) -> None:
+    """Check each attribute of `obj` named in `rules` (a config's `__post_init__`)."""
+    for name, rule in rules.items():
+        rule.check(name, getattr(obj, name))
+
+
+_SIZE, _FRACTION = Range(int, low=1), Range(float, low=0, high=1, high_open=True)
+_PROBABILITY = Range(float, low=0, high=1, low_open=True, off="switches it off")
+# GPTConfig's fields (model.py).
+MODEL_RULES: dict[str, Range | OneOf] = {
+    **dict.fromkeys(("vocab_size", "context_length", "d_model", "n_layers", "n_heads"),
+                    _SIZE),
+    "n_kv_heads": Range(int, low=1, off="gives every query head its own K/V head"),
+    "d_ff": Range(int, low=1, off="picks the MLP's usual width"),
+    "rope_base": Range(float, low=0, low_open=True), "dropout": _FRACTION,
+    "norm_eps": Range(float, low=0, low_open=True),
+    "norm": OneOf(("layernorm", "rmsnorm")), "mlp": OneOf(("gelu", "swiglu")),
+    "pos": OneOf(("learned", "rope")), "rope_pairing": OneOf(("half", "interleaved")),
+    "attn_impl": OneOf(("manual", "fast")),
+}  # fmt: skip
+# TrainConfig's fields (train.py); `buildllm train` parses its flags by the same rules.
+TRAIN_RULES: dict[str, Range | OneOf] = {
+    **dict.fromkeys(("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
+                     "eval_steps", "checkpoint_interval", "keep_checkpoints"), _SIZE),
+    "warmup_steps": Range(int, low=0), "seed": Range(int, low=0, high=2**64 - 1),
+    "max_lr": Range(float, low=0, low_open=True), "min_lr": Range(float, low=0),
+    "weight_decay": Range(float, low=0), "eps": Range(float, low=0, low_open=True),
+    "beta1": _FRACTION, "beta2": _FRACTION,
+    "grad_clip": Range(float, low=0, low_open=True, off="switches clipping off"),
+    "sample_tokens": Range(int, low=1, off="switches samples off"),
+    "peak_flops": Range(float, low=0, low_open=True, off="looks the GPU up"),
+    "dtype": OneOf(("auto", "float32", "bfloat16")), "impl": OneOf(("manual", "fast")),
+    "strategy": OneOf(("ddp", "fsdp")),
+}  # fmt: skip
+# What decoding accepts (generate.py); `buildllm sample` parses its flags by them.
+SAMPLING_RULES: dict[str, Range] = {
+    "max_new_tokens": Range(int, low=0),
+    "temperature": Range(float, low=0),  # 0 is greedy
+    "top_k": Range(int, low=1, off="switches it off"),
+    "top_p": _PROBABILITY,
+    "min_p": _PROBABILITY,
+    "repetition_penalty": Range(float, low=0, low_open=True),  # 1 is off
+}
 
 
 def check_token_ids(idx: Tensor, config: GPTConfig, start: int = 0) -> None:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             return args.handler(args)
-        except (UsageError, ValueError, TypeError, OSError, RuntimeError) as err:
+        except (ValueError, TypeError, OSError, RuntimeError) as err:  # UsageError too
             if args.traceback:
                 raise
             print(f"buildllm: error: {describe_error(err)}", file=sys.stderr)

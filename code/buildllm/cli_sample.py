@@ -12,7 +12,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from buildllm.checks import Range
+from buildllm.checks import SAMPLING_RULES, TRAIN_RULES, Range
 from buildllm.cli_data import load_tokenizer
 
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # type hints only: each command imports what it runs
 
 
 # ---------------------------------------------------------------- sample
-SEED = Range(int, low=0, high=2**64 - 1)
 POSITIVE = Range(int, low=1)
 OPTIONAL_POSITIVE = Range(int, low=1, off="means all")
 
@@ -34,8 +33,6 @@ def _stop_text(text: str) -> str:
 
 
 def add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    from buildllm.generate import SAMPLING_RANGES
-
     p = sub.add_parser(
         "sample",
         help="continue a prompt with a trained model, printing tokens as they come",
@@ -70,7 +67,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         "run's own, or the folder's vocab.json + merges.txt, or GPT-2's",
     )
     p.add_argument("--prompt", action="append", help="text to continue (repeatable)")
-    rule = SAMPLING_RANGES  # the rules `generate` checks, applied as each flag is read
+    rule = SAMPLING_RULES  # the rules `generate` checks, applied as each flag is read
     p.add_argument("--max-new-tokens", type=rule["max_new_tokens"].parse, default=200,
                    help="tokens to add")  # fmt: skip
     p.add_argument("--temperature", type=rule["temperature"].parse, default=1.0,
@@ -85,7 +82,12 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    default=1.0, help="> 1 discourages repeats")  # fmt: skip
     p.add_argument("--stop", action="append", default=[], type=_stop_text,
                    help="stop text (repeatable)")  # fmt: skip
-    p.add_argument("--seed", type=SEED.parse, default=1337, help="same seed, same text")
+    p.add_argument(
+        "--seed",
+        type=TRAIN_RULES["seed"].parse,
+        default=1337,
+        help="same seed, same text",
+    )
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with the KV cache")  # fmt: skip
     p.add_argument(

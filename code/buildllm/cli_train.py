@@ -11,7 +11,7 @@ import argparse
 import json
 import re
 
-from buildllm.checks import UsageError
+from buildllm.checks import TRAIN_RULES, OneOf, Range, UsageError
 
 # ---------------------------------------------------------------- train / plot
 TRAIN_HELP = {
@@ -51,7 +51,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     from dataclasses import fields
 
     from buildllm import model as gpt
-    from buildllm.train import TRAIN_RANGES, TrainConfig
+    from buildllm.train import TrainConfig
 
     big = TrainConfig.from_preset("gpt2-124m")
     model = gpt.GPTConfig.from_preset("gpt2-124m")
@@ -89,9 +89,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--data fineweb-edu\n"
         "  buildllm plot runs/tiny -o loss.svg",
     )
-    choices = {"preset": list(gpt.PRESETS), "dtype": ["auto", "float32", "bfloat16"],
-               "impl": ["manual", "fast"], "strategy": ["ddp", "fsdp"],
-               "device": ["auto", "cpu", "cuda", "mps"]}  # fmt: skip
+    choices = {"preset": list(gpt.PRESETS), "device": ["auto", "cpu", "cuda", "mps"]}
     for f in fields(TrainConfig):
         if f.name == "model":  # set by --preset
             continue
@@ -102,9 +100,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            allowed = TRAIN_RANGES.get(f.name)  # the config's own rule, checked here
-            kwargs["type"] = allowed.parse if allowed else type(default)
-            kwargs["choices"] = choices.get(f.name)
+            rule = TRAIN_RULES.get(f.name)  # the config's own rule, checked here
+            kwargs["type"] = rule.parse if isinstance(rule, Range) else type(default)
+            kwargs["choices"] = rule.words if isinstance(rule, OneOf) else None
+            kwargs["choices"] = kwargs["choices"] or choices.get(f.name)
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
     p.add_argument("--resume", action="store_true",
@@ -133,9 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
         destroy_distributed(trainer.dist)
     if not trainer.dist.is_main:
         return 0
-    logged = read_metrics(
-        config.out_dir
-    )  # the whole run, also what ran before a resume
+    logged = read_metrics(config.out_dir)  # the whole run, also before a resume
     evaluated = [r for r in logged if "val_loss" in r]
     summary = {
         "out_dir": config.out_dir,
@@ -148,7 +145,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
-            shown = f"{value:.4f}" if isinstance(value, float) else value
+            spec = (
+                ",.0f" if key == "tokens_per_s" else ".4f"
+            )  # a rate needs no decimals
+            shown = f"{value:{spec}}" if isinstance(value, float) else value
             print(f"{key:>12}: {shown}")
     return 0
 

@@ -21,22 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from buildllm.checks import Range
+from buildllm.checks import SAMPLING_RULES
 from buildllm.model import GPT
 
 if TYPE_CHECKING:
     from buildllm.tokenizer import BPETokenizer
-
-_FRACTION = Range(float, low=0, high=1, low_open=True, off="switches it off")
-# What decoding accepts; `buildllm sample` checks its flags by the same rules.
-SAMPLING_RANGES = {
-    "max_new_tokens": Range(int, low=0),
-    "temperature": Range(float, low=0),  # 0 is greedy
-    "top_k": Range(int, low=1, off="switches it off"),
-    "top_p": _FRACTION,
-    "min_p": _FRACTION,
-    "repetition_penalty": Range(float, low=0, low_open=True),  # 1 is off
-}
 
 
 def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
@@ -297,7 +286,7 @@ def stream(
     device = next(model.parameters()).device
     idx = torch.as_tensor(prompt, dtype=torch.long, device=device)
     idx = idx.reshape(1, -1)  # (1, T)
-    sampling = {k: v for k, v in kwargs.items() if k in SAMPLING_RANGES}
+    sampling = {k: v for k, v in kwargs.items() if k in SAMPLING_RULES}
     check_decoding(model, idx, max_new_tokens=max_new_tokens, **sampling)
     was_training = model.training
     model.eval()
@@ -381,7 +370,7 @@ def check_decoding(model: GPT, idx: Tensor, **settings: float | None) -> None:
     """Raise ValueError, naming the fix, for arguments no decoding step could accept.
 
     `settings` are `max_new_tokens` and the sampling arguments, checked by
-    `SAMPLING_RANGES`. A prompt longer than the context is not an error: decoding keeps
+    `SAMPLING_RULES`. A prompt longer than the context is not an error: decoding keeps
     its last context_length tokens, and this warns that the model will not see the rest.
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
@@ -390,7 +379,7 @@ def check_decoding(model: GPT, idx: Tensor, **settings: float | None) -> None:
             "with T >= 1; start an empty prompt with the end-of-text token"
         )
     for name, value in settings.items():
-        SAMPLING_RANGES[name].check(name, value)
+        SAMPLING_RULES[name].check(name, value)
     context_length = model.config.context_length
     if idx.shape[1] > context_length:
         warnings.warn(

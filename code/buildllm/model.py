@@ -27,7 +27,7 @@ from buildllm.attention import (
     RoPE,
     make_dropout,
 )
-from buildllm.checks import Range, check_fields, check_token_ids
+from buildllm.checks import MODEL_RULES, check_fields, check_token_ids
 
 # SwiGLU's hidden width 8d/3 rounded up to a multiple of 64, which GPU matmuls like.
 SWIGLU_MULTIPLE = 64
@@ -43,24 +43,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "modern": {**_MODERN, "n_kv_heads": 4},
     "modern-tiny": {**_TINY, **_MODERN, "n_heads": 4, "n_kv_heads": 2},
 }
-_CHOICES = {
-    "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu"),
-    "pos": ("learned", "rope"),
-    "rope_pairing": ("half", "interleaved"),
-    "attn_impl": ("manual", "fast"),
-}
-
-_SIZE = Range(int, low=1)
-MODEL_RANGES = {
-    **dict.fromkeys(("vocab_size", "context_length", "d_model", "n_layers", "n_heads"),
-                    _SIZE),
-    "n_kv_heads": Range(int, low=1, off="gives every query head its own K/V head"),
-    "d_ff": Range(int, low=1, off="picks the MLP's usual width"),
-    "rope_base": Range(float, low=0, low_open=True),
-    "dropout": Range(float, low=0, high=1, high_open=True),
-    "norm_eps": Range(float, low=0, low_open=True),
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,7 +74,7 @@ class GPTConfig:
     attn_impl: Impl = "fast"
 
     def __post_init__(self) -> None:
-        check_fields(self, MODEL_RANGES)  # integers >= 1, dropout in [0, 1), ...
+        check_fields(self, MODEL_RULES)  # integers >= 1, dropout in [0, 1), ...
         if self.d_model % self.n_heads != 0:
             nearest = max(h for h in range(1, self.n_heads) if self.d_model % h == 0)
             raise ValueError(
@@ -111,11 +93,6 @@ class GPTConfig:
                 f"RoPE rotates pairs but head_dim={self.head_dim} is odd; "
                 "choose d_model / n_heads even"
             )
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r}: use one of {allowed}"
-                )
         if self.d_ff is None:
             d_ff, m = 4 * self.d_model, SWIGLU_MULTIPLE
             if self.mlp == "swiglu":  # 2/3 of 4d, so 3 matrices cost what 2 did

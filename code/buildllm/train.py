@@ -38,7 +38,7 @@ from buildllm.checkpoint import (
     set_rng_states,
     truncate_metrics,
 )
-from buildllm.checks import Range, check_fields
+from buildllm.checks import TRAIN_RULES, check_fields
 from buildllm.data import get_cache_dir
 from buildllm.distributed import (
     TOKENIZER,
@@ -73,20 +73,6 @@ RESUME_MAY_DIFFER = (
     "device", "dtype", "compile", "out_dir", "max_steps", "eval_interval", "strategy",
     "checkpoint_interval", "keep_checkpoints", "sample_tokens", "peak_flops",
 )  # fmt: skip
-
-_STEPS = Range(int, low=1)
-# The allowed values of TrainConfig's numbers; `buildllm train` checks its flags by them.
-TRAIN_RANGES = {
-    **dict.fromkeys(("batch_size", "grad_accum_steps", "max_steps", "eval_interval",
-                     "eval_steps", "checkpoint_interval", "keep_checkpoints"), _STEPS),
-    "warmup_steps": Range(int, low=0), "seed": Range(int, low=0, high=2**64 - 1),
-    "max_lr": Range(float, low=0, low_open=True), "min_lr": Range(float, low=0),
-    "weight_decay": Range(float, low=0), "eps": Range(float, low=0, low_open=True),
-    **dict.fromkeys(("beta1", "beta2"), Range(float, low=0, high=1, high_open=True)),
-    "grad_clip": Range(float, low=0, low_open=True, off="switches clipping off"),
-    "sample_tokens": Range(int, low=1, off="switches samples off"),
-    "peak_flops": Range(float, low=0, low_open=True, off="looks the GPU up"),
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,22 +123,12 @@ class TrainConfig:
             object.__setattr__(self, "model", GPTConfig.from_preset(self.preset))
         elif isinstance(self.model, dict):  # as asdict() wrote it into a checkpoint
             object.__setattr__(self, "model", GPTConfig(**self.model))
-        check_fields(self, TRAIN_RANGES)
+        check_fields(self, TRAIN_RULES)  # ranges of the numbers, words of the choices
         if self.min_lr > self.max_lr:
             raise ValueError(
                 f"min_lr={self.min_lr} must not exceed max_lr={self.max_lr}; "
                 "the cosine decays from max_lr down to min_lr"
             )
-        choices = {
-            "dtype": ("auto", "float32", "bfloat16"),
-            "impl": ("manual", "fast"),
-            "strategy": ("ddp", "fsdp"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r} must be one of {allowed}"
-                )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
