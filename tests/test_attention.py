@@ -16,6 +16,7 @@ from buildllm.attention import (
     attention_weights,
     causal_mask,
     merge_heads,
+    padding_mask,
     split_heads,
 )
 
@@ -57,6 +58,33 @@ def test_attention_matches_sdpa_with_explicit_mask_in_forward_and_backward(
     grads_ref = torch.autograd.grad(y_ref.square().sum(), (q, k, v))
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["manual", "fast"])
+@pytest.mark.parametrize("H, Hkv, T, S", [(4, 4, 7, 7), (4, 2, 3, 9), (4, 4, 1, 6)])
+def test_attention_with_a_padding_mask_matches_sdpa_given_the_same_combined_mask(
+    impl, H, Hkv, T, S
+):
+    q, k, v = _qkv(H=H, Hkv=Hkv, T=T, S=S)
+    lengths = torch.tensor([S, S - 2])  # the second sequence ends in 2 padding keys
+    mask = padding_mask(lengths, S)  # (B, 1, 1, S)
+    y = attention(q, k, v, impl=impl, mask=mask)
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    allowed = allowed & (torch.arange(S) < lengths[:, None])[:, None, None, :]
+    k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    y_ref = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=allowed)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(y.square().sum(), (q, k, v))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (q, k, v))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_marks_the_first_lengths_keys_of_each_sequence():
+    expected = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    mask = padding_mask(torch.tensor([3, 1]), 4)
+    assert mask.shape == (2, 1, 1, 4)
+    torch.testing.assert_close(mask[:, 0, 0], expected)
 
 
 def test_attention_weights_are_a_masked_row_softmax_of_scaled_scores():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from buildllm.attention import padding_mask
 from buildllm.model import (
     GPT,
     MLP,
@@ -227,6 +228,28 @@ def test_changing_a_future_token_never_changes_earlier_logits(variant):
         a, b = model(idx), model(changed)
     torch.testing.assert_close(b[:, :8], a[:, :8], rtol=0, atol=0)
     assert not torch.allclose(b[:, 8:], a[:, 8:])
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+def test_padded_batch_with_a_mask_gives_each_sequences_unpadded_logits(variant):
+    """Right padding hidden by the mask: real positions equal a forward without it."""
+    manual, fast = _model(variant, attn_impl="manual"), _model(variant)
+    fast.load_state_dict(manual.state_dict())
+    lengths = [16, 11, 5]
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (n,), generator=g) for n in lengths]
+    idx = torch.zeros(3, 16, dtype=torch.long)  # padding id 0 on the right
+    for b, s in enumerate(seqs):
+        idx[b, : len(s)] = s
+    mask = padding_mask(torch.tensor(lengths), 16)  # (B, 1, 1, S)
+    with torch.no_grad():
+        padded_manual, padded_fast = manual(idx, mask=mask), fast(idx, mask=mask)
+        torch.testing.assert_close(padded_fast, padded_manual, rtol=1e-5, atol=1e-5)
+        for b, s in enumerate(seqs):
+            alone = fast(s[None])  # (1, n, V)
+            torch.testing.assert_close(
+                padded_fast[b : b + 1, : len(s)], alone, rtol=1e-5, atol=1e-5
+            )
 
 
 def test_fast_and_manual_models_agree_in_forward_and_backward():

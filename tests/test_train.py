@@ -377,7 +377,7 @@ def test_a_short_shakespeare_run_lowers_the_loss_and_reports_bits_per_byte(tmp_p
     records = trainer.fit()
     assert records[-1]["val_loss"] < records[0]["val_loss"] - 1.0
     # bytes per token counted from the decoded text, independently of the tokenizer
-    val = np.asarray(trainer.val_tokens)
+    val = np.asarray(trainer.objective.val_tokens)
     text = trainer.tokenizer.decode(val[val != trainer.tokenizer.eot_id].tolist())
     per_token = len(text.encode("utf-8")) / len(val)
     assert bytes_per_token(val, trainer.tokenizer) == pytest.approx(per_token)

@@ -34,16 +34,21 @@ def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> Ten
     return k_pos[None, :] <= q_pos[:, None]  # (T, S)
 
 
-def attention_weights(q: Tensor, k: Tensor) -> Tensor:
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
     """Return the causal attention weights softmax(QKᵀ/√d_k + M), eq-attention.
 
     Row `i` holds how much query `i` takes from each key; masked keys get exactly 0.
-    Shapes: q (B, H, T, Dh), k (B, H, S, Dh) -> (B, H, T, S), rows summing to 1.
+    An extra boolean `mask` (True = may attend, e.g. `padding_mask`) is combined with
+    the causal mask: a key must be allowed by both.
+    Shapes: q (B, H, T, Dh), k (B, H, S, Dh), mask broadcastable to (B, H, T, S)
+    -> (B, H, T, S), rows summing to 1.
     """
     T, S, Dh = q.shape[-2], k.shape[-2], q.shape[-1]
     scores = q @ k.transpose(-2, -1) / math.sqrt(Dh)  # (B, H, T, S)
-    mask = causal_mask(T, S, q.device)  # (T, S), True = may attend
-    scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
+    allowed = causal_mask(T, S, q.device)  # (T, S), True = may attend
+    if mask is not None:
+        allowed = allowed & mask  # (B or 1, H or 1, T, S)
+    scores = scores.masked_fill(~allowed, float("-inf"))  # (B, H, T, S)
     return torch.softmax(scores, dim=-1)  # (B, H, T, S)
 
 
@@ -53,6 +58,7 @@ def attention(
     v: Tensor,
     impl: Impl = "manual",
     dropout_p: float = 0.0,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Compute causal scaled dot-product attention, eq-attention, for every head.
 
@@ -60,8 +66,12 @@ def attention(
     calls `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPUs).
     With fewer key/value heads than query heads (GQA) each K/V head serves `H // Hkv`
     query heads. The T queries are the last T of the S keys (a KV cache holds S - T).
+    An optional boolean `mask` (True = may attend, as SDPA's) is combined with the
+    causal mask, e.g. `padding_mask` to hide padding keys; every query must keep at
+    least one key, so pad on the right.
 
-    Shapes: q (B, H, T, Dh), k and v (B, Hkv, S, Dh) -> (B, H, T, Dh).
+    Shapes: q (B, H, T, Dh), k and v (B, Hkv, S, Dh), mask broadcastable to
+    (B, H, T, S) -> (B, H, T, Dh).
     Raises ValueError if H is not a multiple of Hkv or T > S.
     """
     H, T = q.shape[1], q.shape[2]
@@ -74,17 +84,34 @@ def attention(
     if Hkv != H:  # GQA: repeat each K/V head for its group of query heads
         k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
         v = v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
+    if impl == "fast" and mask is not None:  # SDPA takes one mask: combine them
+        mask = causal_mask(T, S, q.device) & mask  # (B or 1, H or 1, T, S)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p
+        )  # (B, H, T, Dh)
     if impl == "fast":
         # SDPA's is_causal aligns the mask top-left, right only when T == S; a cached
         # chunk (1 < T < S) needs the offset mask, and a single query needs none.
-        mask = None if T in (1, S) else causal_mask(T, S, q.device)  # (T, S)
+        causal = None if T in (1, S) else causal_mask(T, S, q.device)  # (T, S)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=1 < T == S
+            q, k, v, attn_mask=causal, dropout_p=dropout_p, is_causal=1 < T == S
         )  # (B, H, T, Dh)
-    attn_weights = attention_weights(q, k)  # (B, H, T, S)
+    attn_weights = attention_weights(q, k, mask)  # (B, H, T, S)
     if dropout_p > 0.0:
         attn_weights = F.dropout(attn_weights, p=dropout_p)
     return attn_weights @ v  # (B, H, T, Dh), eq-attention
+
+
+def padding_mask(lengths: Tensor, S: int) -> Tensor:
+    """Return the mask that lets every query attend only the first `lengths[b]` keys.
+
+    For a batch of sequences padded on the right to `S` positions: True marks a real
+    token (may attend), False padding. Pass it as `mask` to `attention` or `GPT`.
+
+    Shapes: lengths (B,) integer -> (B, 1, 1, S), bool (broadcast over heads, queries).
+    """
+    keys = torch.arange(S, device=lengths.device)  # (S,)
+    return (keys[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
 
 
 def make_dropout(p: float) -> nn.Module:
@@ -270,11 +297,14 @@ class MultiHeadAttention(nn.Module):
         self.resid_dropout = make_dropout(dropout)
         self.rope = rope
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, kv_cache: KVCache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Let every position gather information from itself and earlier positions.
 
         Shapes: x (B, T, D) -> (B, T, D). With a cache, the T new positions follow the
-        kv_cache.length positions already stored and attend to all of them.
+        kv_cache.length positions already stored and attend to all of them. `mask`
+        (True = may attend, broadcastable to (B, H, T, S)) also hides keys, e.g. padding.
         """
         q, k, v = self.w_qkv(x).split(self.qkv_sizes, dim=-1)  # (B, T, D), (B, T, Dkv)
         q = split_heads(q, self.n_heads)  # (B, H, T, Dh)
@@ -289,5 +319,5 @@ class MultiHeadAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh), S = start+T
         p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, impl=self.impl, dropout_p=p)  # (B, H, T, Dh)
+        y = attention(q, k, v, self.impl, p, mask)  # (B, H, T, Dh)
         return self.resid_dropout(self.w_o(merge_heads(y)))  # (B, T, D)

@@ -212,9 +212,11 @@ class TransformerBlock(nn.Module):
         self.norm2 = make_norm(c)
         self.mlp = MLP(c.d_model, c.d_ff, c.mlp, c.bias, c.dropout)
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        """Shapes: x (B, T, D) -> (B, T, D)."""
-        x = x + self.attn(self.norm1(x), kv_cache)  # residual around attention
+    def forward(
+        self, x: Tensor, kv_cache: KVCache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """Shapes: x (B, T, D) -> (B, T, D); mask as in `MultiHeadAttention.forward`."""
+        x = x + self.attn(self.norm1(x), kv_cache, mask)  # residual around attention
         return x + self.mlp(self.norm2(x))  # residual around the MLP
 
 
@@ -260,9 +262,13 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, kv_cache: KVCache | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Return next-token logits at every position of `idx`.
 
+        `mask` (bool, True = may attend, broadcastable to (B, H, T, S); e.g.
+        `attention.padding_mask`) hides keys on top of the causal mask in every block.
         Shapes: idx (B, T) integer -> logits (B, T, V).
         Raises TypeError for non-integer ids, ValueError for a bad shape or when the
         positions (after the cache's) run past context_length.
@@ -275,7 +281,7 @@ class GPT(nn.Module):
             x = x + self.pos_emb.weight[start : start + T]  # (B, T, D), broadcast
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, kv_cache)  # (B, T, D)
+            x = block(x, kv_cache, mask)  # (B, T, D)
         if kv_cache is not None:
             kv_cache.advance(T)  # every layer has stored the T new positions
         return self.lm_head(self.final_norm(x))  # (B, T, V)

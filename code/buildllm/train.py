@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from buildllm.checkpoint import (
@@ -36,24 +37,22 @@ from buildllm.checkpoint import (
     set_rng_states,
     truncate_metrics,
 )
-from buildllm.data import get_batch, get_cache_dir
+from buildllm.data import get_cache_dir
 from buildllm.distributed import (
     TOKENIZER,
-    BatchSource,
     Strategy,
     all_reduce_mean,
     autocast_for,
     barrier,
     gradient_sync,
     init_distributed,
-    load_data,
     peak_flops,
     unwrap,
     wrap_model,
 )
-from buildllm.evaluate import bits_per_byte, bytes_per_token
 from buildllm.model import GPT, PRESETS, GPTConfig, flops_per_token
-from buildllm.optim import clip_grad_norm, cross_entropy, lr_at, make_optimizer
+from buildllm.objective import LMObjective, Objective
+from buildllm.optim import clip_grad_norm, lr_at, make_optimizer
 from buildllm.tokenizer import BPETokenizer
 
 # llm.c's GPT-2 small recipe: 8 x 1024 x 64 = 524,288 tokens a step, 10B in all.
@@ -62,7 +61,6 @@ GPT2_RUN = {
     "max_lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 715, "eval_interval": 250,
     "eval_steps": 20, "checkpoint_interval": 1000, "sample_tokens": 64, "compile": True,
 }  # fmt: skip
-VAL_BPB_TOKENS = 1_000_000  # enough validation tokens to measure bytes per token
 # What `--preset NAME` sets besides the model (GPTConfig.from_preset(NAME)).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {}, "modern-tiny": {}, "gpt2-124m": GPT2_RUN, "modern": GPT2_RUN,
@@ -159,8 +157,11 @@ class Trainer:
     keeping its own share of the micro-batches; only rank 0 logs and writes metrics
     (`out_dir/metrics.jsonl`) and checkpoints. `resume=True` continues the newest
     checkpoint in out_dir exactly. Messages go to `log` (default: `tqdm.write` to stderr
-    if `progress`). Raises ValueError or FileNotFoundError for a bad setting, data or
-    checkpoint, and RuntimeError when the loss or gradient stops being finite.
+    if `progress`). What is minimised is the `objective` (default: `LMObjective`, next
+    token prediction on `config.data`) for `model` (default: a new `GPT(config.model)`;
+    fine-tuning passes a pretrained one, its frozen parameters not optimised).
+    Raises ValueError or FileNotFoundError for a bad setting, data or checkpoint, and
+    RuntimeError when the loss or gradient stops being finite.
     """
 
     def __init__(
@@ -169,6 +170,8 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         log: Callable[[str], None] | None = None,
+        objective: Objective | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         c = self.config = config
         self.dist, self.device = init_distributed(c.device)
@@ -176,21 +179,19 @@ class Trainer:
         if log is None and self.progress:
             log = lambda msg: tqdm.write(msg, file=sys.stderr)
         self.log = log if self.dist.is_main else None
-        self.model_config = mc = c.model
-        train_data, self.val_tokens, self.tokenizer = load_data(c.data, mc.vocab_size)
-        self.batches = BatchSource(train_data, c.batch_size, mc.context_length,
-                                   c.grad_accum_steps, self.dist, c.seed)  # fmt: skip
-        self.accum_local = self.batches.accum_local
-        # The validation text's bytes per token turn val_loss into bits per byte.
-        self.val_bytes_per_token = bytes_per_token(
-            self.val_tokens[:VAL_BPB_TOKENS], self.tokenizer
-        )
-        self.tokens_per_step = c.batch_size * c.grad_accum_steps * mc.context_length
+        self.model_config = c.model
+        if objective is None:
+            objective = LMObjective(c.data, c.model, c.batch_size, c.grad_accum_steps,
+                                    c.eval_steps, c.seed, c.impl, self.dist)  # fmt: skip
+        self.objective = objective
+        self.tokenizer = self.objective.tokenizer
+        self.tokens_per_step = self.objective.tokens_per_step
         self.flops_per_token = flops_per_token(self.model_config, training=True)
         self.peak_flops = c.peak_flops or peak_flops(self.device)
         self.autocast = autocast_for(self.device, c.dtype)
         torch.manual_seed(c.seed)  # the same initial weights on every process
-        model = GPT(self.model_config).to(self.device)
+        model = GPT(self.model_config) if model is None else model
+        model = model.to(self.device).train()
         self.model = wrap_model(model, c.strategy, self.dist)  # FSDP swaps parameters
         self.optimizer = make_optimizer(
             model, c.max_lr, c.weight_decay, (c.beta1, c.beta2), c.eps, c.impl
@@ -219,21 +220,20 @@ class Trainer:
         Returns the loss (mean over the global batch), learning rate and gradient norm.
         """
         c = self.config
-        x_all, y_all = self.batches.next()  # (A, B, T) each: this process's share
+        micro_batches = self.objective.next()  # this process's share of the step
+        accum_local = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum_local):
-            x = x_all[micro].to(self.device, non_blocking=True)  # (B, T)
-            y = y_all[micro].to(self.device, non_blocking=True)  # (B, T), x shifted
-            with gradient_sync(self.model, enabled=micro == self.accum_local - 1):
+        for micro, batch in enumerate(micro_batches):
+            batch = [t.to(self.device, non_blocking=True) for t in batch]
+            with gradient_sync(self.model, enabled=micro == accum_local - 1):
                 with self.autocast():
-                    logits = self.model(x)  # (B, T, V)
-                    loss = cross_entropy(logits, y, impl=c.impl)  # eq-cross-entropy
-                (loss / self.accum_local).backward()  # grads add up: the batch mean
+                    loss = self.objective.loss(self.model, batch)  # eq-cross-entropy
+                (loss / accum_local).backward()  # grads add up: the batch mean
             loss_sum += loss.detach()
         max_norm = math.inf if c.grad_clip is None else c.grad_clip
         impl = "fast" if c.strategy == "fsdp" else c.impl  # sharded gradients: torch's
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm, impl=impl).item()
-        loss = all_reduce_mean(loss_sum / self.accum_local, self.dist).item()
+        loss = all_reduce_mean(loss_sum / accum_local, self.dist).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.stop_diverged(step + 1, loss, grad_norm)  # before the update spoils it
         lr = lr_at(step, c.max_lr, c.min_lr, c.warmup_steps, c.max_steps)  # eq-cosine
@@ -277,26 +277,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Return the mean validation loss over `eval_steps` fixed batches.
+        """Return the mean validation loss over the objective's fixed batches.
 
-        The batches come from a generator seeded with `seed`, so every evaluation sees
-        the same tokens and the curve moves only because the model does. Processes take
-        every world_size-th batch (eval_steps rounded up to a multiple of world_size).
+        Every evaluation sees the same batches (`Objective.val_batches`), so the curve
+        moves only because the model does; each process takes its share.
         """
-        c, rank, world = self.config, self.dist.rank, self.dist.world_size
-        generator = torch.Generator().manual_seed(c.seed)
-        n_batches = math.ceil(c.eval_steps / world) * world
-        T = self.model_config.context_length
         self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for i in range(n_batches):
-            x, y = get_batch(self.val_tokens, c.batch_size, T, generator=generator)
-            if i % world == rank:
-                with self.autocast():
-                    logits = self.model(x.to(self.device))  # (B, T, V)
-                    total += cross_entropy(logits, y.to(self.device), impl=c.impl)
+        total, count = torch.zeros((), device=self.device), 0
+        for batch in self.objective.val_batches():
+            batch = [t.to(self.device) for t in batch]
+            with self.autocast():
+                total += self.objective.loss(self.model, batch)
+            count += 1
         self.model.train()
-        return all_reduce_mean(total / (n_batches // world), self.dist).item()
+        return all_reduce_mean(total / count, self.dist).item()
 
     def sample(self, max_new_tokens: int, prompt: str = "") -> str:
         """Return the text the model writes after `prompt` (top-k 40, seeded by `seed`).
@@ -318,7 +312,7 @@ class Trainer:
         """Write a checkpoint of the current step; all processes join, rank 0 writes."""
         state = {
             "rng": rng_states(),
-            "data": self.batches.state_dict(),  # the data position
+            "data": self.objective.state_dict(),  # the data position
             "train_config": asdict(self.config),
             "tokenizer_hash": self.tokenizer.hash,
         }
@@ -338,7 +332,7 @@ class Trainer:
         if state["tokenizer_hash"] != self.tokenizer.hash:
             raise ValueError(f"{folder} used another tokenizer; resume with its --data")
         set_rng_states(state["rng"])
-        self.batches.load_state_dict(state["data"])
+        self.objective.load_state_dict(state["data"])
         self.step = state["step"]
         if self.dist.is_main:
             truncate_metrics(
@@ -350,11 +344,13 @@ class Trainer:
         """Add val_loss and a sample to `record` if `evaluate`, log and write it."""
         if evaluate:
             record["val_loss"] = loss = self.evaluate()
-            record["val_bpb"] = bpb = bits_per_byte(loss, self.val_bytes_per_token)
-            self.say(
-                f"step {record['step']}: validation loss {loss:.4f} ({bpb:.3f} "
-                "bits per byte)"
+            record.update(self.objective.val_metrics(loss))
+            bpb = (
+                f" ({record['val_bpb']:.3f} bits per byte)"
+                if "val_bpb" in record
+                else ""
             )
+            self.say(f"step {record['step']}: validation loss {loss:.4f}{bpb}")
             if self.config.sample_tokens:
                 record["sample"] = self.sample(self.config.sample_tokens)
                 self.say(f"  sample: {record['sample']!r}")
