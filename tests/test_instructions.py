@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from buildllm.chat import load_alpaca, load_chat_jsonl, load_conversations
 from buildllm.corpora import works
 from buildllm.instructions import (
     PHRASINGS,
@@ -15,9 +16,6 @@ from buildllm.instructions import (
     Example,
     accuracy_by_task,
     build_examples,
-    load_alpaca,
-    load_chat_jsonl,
-    load_conversations,
 )
 
 N = 12  # examples per task and split: enough to see every phrasing
@@ -89,13 +87,13 @@ def test_build_examples_rejects_bad_arguments():
 
 def test_accuracy_by_task_matches_the_binomial_interval():
     examples = [Example("add", "What is 1 plus 1?", "2", 0)] * 400
-    outputs = ["2"] * 100 + ["3"] * 300  # accuracy 0.25
-    acc, low, high = accuracy_by_task(examples, outputs, n_boot=2000)["add"]
+    right = [True] * 100 + [False] * 300  # accuracy 0.25
+    acc, low, high = accuracy_by_task(examples, right, n_boot=2000)["add"]
     assert acc == 0.25
     half = 1.96 * math.sqrt(0.25 * 0.75 / 400)  # normal approximation: 0.042
     assert abs((high - low) / 2 - half) < 0.01
     assert low < acc < high
-    assert accuracy_by_task(examples[:3], [" 2 ", "2", "2"])["all"] == (1.0, 1.0, 1.0)
+    assert accuracy_by_task(examples[:3], [True] * 3)["all"] == (1.0, 1.0, 1.0)
 
 
 ALPACA = [

@@ -8,6 +8,12 @@ import torch.nn.functional as F
 
 from buildllm.chat import END, add_chat_tokens, render_chat
 from buildllm.generate import generate
+from buildllm.instructions import (
+    Example,
+    generate_answers,
+    greedy_exact_match,
+    is_correct,
+)
 from buildllm.model import GPT, GPTConfig
 from buildllm.sft import SFTObjective, encode_conversations
 from buildllm.tokenizer import BPETokenizer
@@ -71,5 +77,12 @@ def test_sft_on_the_trainer_teaches_the_answers(tokenizer, tmp_path):
         out = generate(model, torch.tensor([prompt]), 12, temperature=0.0)[0]
         answer = tokenizer.encode(messages[-1]["content"])
         assert out[len(prompt) : len(prompt) + len(answer)].tolist() == answer
+    examples = [Example("add", "What is two plus two?", "Four.", 0),
+                Example("add", "Say hello.", "Hello there, friend.", 0),
+                Example("add", "What is two plus two?", "Five.", 0)]  # fmt: skip
+    answers = generate_answers(model, tokenizer, examples)
+    right = greedy_exact_match(model, tokenizer, examples)
+    assert right == [is_correct(e, a) for e, a in zip(examples, answers)]
+    assert right[0] and not right[2]
     saved = BPETokenizer.load(tmp_path / "tokenizer.json")
     assert saved.special_tokens == tokenizer.special_tokens

@@ -7,16 +7,21 @@ one `<|endoftext|>` that starts the document, as in ChatML (OpenAI 2023) and nan
 The role tokens are special tokens appended after the ordinary ids, so no user text can
 produce them, and the embedding (and a tied head) grows by their rows. Training targets
 are only the assistant's tokens and its turn ends: the rest is input, never predicted.
+Conversations people bring are read from Alpaca-style JSON (Taori et al. 2023) or chat
+JSONL, local or downloaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from buildllm.data import download_url
 from buildllm.model import GPT
 from buildllm.tokenizer import ENDOFTEXT, BPETokenizer
 
@@ -193,3 +198,88 @@ def fit_context(
         cut = ids[over(system + turns) :]
         turns[-1] = {**turns[-1], "content": tokenizer.decode(cut)}
     return system + turns, dropped
+
+
+def _read_records(path: Path, what: str) -> list:
+    """Return the records of a JSON list (.json) or of JSON lines (.jsonl)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); check the file") from None
+    if not isinstance(records, list):
+        raise TypeError(f"{path} must hold a JSON list of records, like Alpaca's")
+    return records
+
+
+def load_alpaca(path: str | Path) -> list[list[Message]]:
+    """Read Alpaca-style JSON: a list of {"instruction", "input" (optional), "output"}.
+
+    A non-empty input follows the instruction after a blank line in the user turn.
+    Raises ValueError naming the first record that lacks a field.
+    """
+    conversations = []
+    for i, record in enumerate(_read_records(Path(path), "Alpaca")):
+        if not isinstance(record, dict) or not {"instruction", "output"} <= set(record):
+            raise ValueError(
+                f"record {i} of {path} needs 'instruction' and 'output' (and may have "
+                "'input'); it is not in Alpaca's format"
+            )
+        user = "\n\n".join(s for s in (record["instruction"], record.get("input")) if s)
+        conversations.append([{"role": "user", "content": user},
+                              {"role": "assistant", "content": record["output"]}])  # fmt: skip
+    return conversations
+
+
+def load_chat_jsonl(path: str | Path) -> list[list[Message]]:
+    """Read chat JSONL: one {"messages": [{"role", "content"}, ...]} object per line.
+
+    Raises ValueError naming the first line that is not such an object.
+    """
+    conversations = []
+    for i, record in enumerate(_read_records(Path(path), "chat JSONL")):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        try:
+            if not isinstance(messages, list):
+                raise TypeError("it has no 'messages' list")
+            check_messages(messages)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"line {i + 1} of {path}: {err}") from None
+        conversations.append(
+            [{"role": m["role"], "content": m["content"]} for m in messages]
+        )
+    return conversations
+
+
+LOADERS: dict[str, Callable[[str | Path], list[list[Message]]]] = {
+    ".json": load_alpaca,
+    ".jsonl": load_chat_jsonl,
+}
+
+
+def load_conversations(
+    source: str | Path,
+    sha256: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[list[Message]]:
+    """Read conversations from a file or an http(s) URL (downloaded once, cached).
+
+    ".json" files are Alpaca-style, ".jsonl" files chat JSONL. A URL goes through
+    `data.download_url` (cache, sha256, resume) into `cache_dir`. Raises ValueError
+    for another suffix.
+    """
+    text = str(source)
+    if "://" in text:
+        path = download_url(text, cache_dir, sha256, progress)
+    else:
+        path = Path(source)
+    if path.suffix not in LOADERS:
+        raise ValueError(
+            f"{source} ends in {path.suffix!r}; use .json (Alpaca) or .jsonl (chat)"
+        )
+    return LOADERS[path.suffix](path)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from buildllm.chat import IGNORE_INDEX, Message, pad_batch
+from buildllm.chat import IGNORE_INDEX, Message, pad_batch, render_chat
 from buildllm.distributed import DistInfo
 from buildllm.instructions import Example, is_correct
 from buildllm.sft import encode_conversations
@@ -92,6 +92,17 @@ def make_pairs(
     return pairs
 
 
+def fitting_pairs(
+    tokenizer: BPETokenizer, pairs: Sequence[Pair], max_len: int
+) -> list[Pair]:
+    """Keep the pairs whose two conversations both fit in `max_len` + 1 tokens."""
+    return [
+        pair
+        for pair in pairs
+        if all(len(render_chat(tokenizer, m)[0]) <= max_len + 1 for m in pair)
+    ]
+
+
 @torch.no_grad()
 def pair_logprobs(
     model: nn.Module,
@@ -152,14 +163,23 @@ class DPOObjective:
     def _encode(
         self, pairs: Sequence[Pair], reference: nn.Module, max_len: int
     ) -> list:
-        """Return (chosen x/y, rejected x/y, reference log-probs (2,)) for each pair."""
-        chosen = encode_conversations(self.tokenizer, [c for c, _ in pairs], max_len)
-        rejected = encode_conversations(self.tokenizer, [r for _, r in pairs], max_len)
-        if len(chosen) != len(pairs) or len(rejected) != len(pairs):
+        """Return (chosen x/y, rejected x/y, reference log-probs (2,)) for each pair.
+
+        Pairs whose chosen or rejected conversation is longer than `max_len` + 1 tokens
+        are left out: a cut answer would compare the two on unequal terms.
+        """
+        tok = self.tokenizer
+        pairs = [
+            p
+            for p in pairs
+            if all(len(render_chat(tok, m)[0]) <= max_len + 1 for m in p)
+        ]
+        if not pairs:
             raise ValueError(
-                f"some pairs have no answer within context_length={max_len}; "
-                "shorten their prompts"
+                f"no pair fits in context_length={max_len}; shorten the prompts"
             )
+        chosen = encode_conversations(tok, [c for c, _ in pairs], max_len)
+        rejected = encode_conversations(tok, [r for _, r in pairs], max_len)
         ref = pair_logprobs(reference, chosen + rejected, self.pad_id)  # (2N,)
         n = len(pairs)
         return [(chosen[i], rejected[i], ref[[i, n + i]]) for i in range(n)]
@@ -216,9 +236,11 @@ def preference_accuracy(
 ) -> float:
     """Return the fraction of pairs whose chosen answer the model finds more likely.
 
-    Compares log pi(chosen | prompt) with log pi(rejected | prompt), no reference.
+    Compares log pi(chosen | prompt) with log pi(rejected | prompt), no reference,
+    over the pairs that fit in `context_length` + 1 tokens.
     """
     pad_id = tokenizer.eot_id or 0
+    pairs = fitting_pairs(tokenizer, pairs, context_length)
     chosen = encode_conversations(tokenizer, [c for c, _ in pairs], context_length)
     rejected = encode_conversations(tokenizer, [r for _, r in pairs], context_length)
     logp = pair_logprobs(model, chosen + rejected, pad_id)  # (2N,)

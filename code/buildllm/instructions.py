@@ -6,8 +6,7 @@ embedded Shakespeare corpus (which play a line is from, who speaks it, the line 
 follows, a word spelled backwards) and three generic ones (count words, add numbers,
 uppercase a phrase). Items (lines, words, number pairs) are assigned to "train" or
 "test" by a hash, so no test prompt is ever trained on, and each task's last phrasing
-is held out of training. Also loaders for the data people bring: Alpaca-style JSON
-(Taori et al. 2023) and chat JSONL, local or downloaded.
+is held out of training. Scoring is exact match, with bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -15,17 +14,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import json
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from buildllm.chat import END, Message, check_messages, render_chat
+import torch
+
+from buildllm.chat import (
+    END,
+    IGNORE_INDEX,
+    Message,
+    loss_targets,
+    pad_batch,
+    render_chat,
+)
 from buildllm.corpora import works
-from buildllm.data import download_url
 from buildllm.generate import generate_batch
 from buildllm.model import GPT
 from buildllm.tokenizer import BPETokenizer
@@ -233,112 +238,27 @@ def is_correct(example: Example, output: str) -> bool:
 
 def accuracy_by_task(
     examples: Sequence[Example],
-    outputs: Sequence[str],
+    right: Sequence[bool],
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, tuple[float, float, float]]:
     """Return {task: (accuracy, low, high)}, with a 95% percentile bootstrap interval.
 
-    The interval resamples each task's examples with replacement `n_boot` times (Efron
-    1979); "all" pools the tasks.
+    `right[i]` says whether example i was answered exactly. The interval resamples each
+    task's examples with replacement `n_boot` times (Efron 1979); "all" pools the tasks.
     """
     rng = random.Random(seed)
-    right: dict[str, list[bool]] = {}
-    for example, output in zip(examples, outputs, strict=True):
-        right.setdefault(example.task, []).append(is_correct(example, output))
-    right["all"] = [r for task in list(right) for r in right[task]]
+    marks: dict[str, list[bool]] = {}
+    for example, ok in zip(examples, right, strict=True):
+        marks.setdefault(example.task, []).append(bool(ok))
+    marks["all"] = [ok for task in list(marks) for ok in marks[task]]
     table = {}
-    for task, marks in right.items():
-        n = len(marks)
-        means = sorted(sum(rng.choices(marks, k=n)) / n for _ in range(n_boot))
+    for task, oks in marks.items():
+        n = len(oks)
+        means = sorted(sum(rng.choices(oks, k=n)) / n for _ in range(n_boot))
         low, high = means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]
-        table[task] = (sum(marks) / n, low, high)
+        table[task] = (sum(oks) / n, low, high)
     return table
-
-
-def _read_records(path: Path, what: str) -> list:
-    """Return the records of a JSON list (.json) or of JSON lines (.jsonl)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); check the file") from None
-    if not isinstance(records, list):
-        raise TypeError(f"{path} must hold a JSON list of records, like Alpaca's")
-    return records
-
-
-def load_alpaca(path: str | Path) -> list[list[Message]]:
-    """Read Alpaca-style JSON: a list of {"instruction", "input" (optional), "output"}.
-
-    A non-empty input follows the instruction after a blank line in the user turn.
-    Raises ValueError naming the first record that lacks a field.
-    """
-    conversations = []
-    for i, record in enumerate(_read_records(Path(path), "Alpaca")):
-        if not isinstance(record, dict) or not {"instruction", "output"} <= set(record):
-            raise ValueError(
-                f"record {i} of {path} needs 'instruction' and 'output' (and may have "
-                "'input'); it is not in Alpaca's format"
-            )
-        user = "\n\n".join(s for s in (record["instruction"], record.get("input")) if s)
-        conversations.append([{"role": "user", "content": user},
-                              {"role": "assistant", "content": record["output"]}])  # fmt: skip
-    return conversations
-
-
-def load_chat_jsonl(path: str | Path) -> list[list[Message]]:
-    """Read chat JSONL: one {"messages": [{"role", "content"}, ...]} object per line.
-
-    Raises ValueError naming the first line that is not such an object.
-    """
-    conversations = []
-    for i, record in enumerate(_read_records(Path(path), "chat JSONL")):
-        messages = record.get("messages") if isinstance(record, dict) else None
-        try:
-            if not isinstance(messages, list):
-                raise TypeError("it has no 'messages' list")
-            check_messages(messages)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"line {i + 1} of {path}: {err}") from None
-        conversations.append(
-            [{"role": m["role"], "content": m["content"]} for m in messages]
-        )
-    return conversations
-
-
-LOADERS: dict[str, Callable[[str | Path], list[list[Message]]]] = {
-    ".json": load_alpaca,
-    ".jsonl": load_chat_jsonl,
-}
-
-
-def load_conversations(
-    source: str | Path,
-    sha256: str | None = None,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> list[list[Message]]:
-    """Read conversations from a file or an http(s) URL (downloaded once, cached).
-
-    ".json" files are Alpaca-style, ".jsonl" files chat JSONL. A URL goes through
-    `data.download_url` (cache, sha256, resume) into `cache_dir`. Raises ValueError
-    for another suffix.
-    """
-    text = str(source)
-    if "://" in text:
-        path = download_url(text, cache_dir, sha256, progress)
-    else:
-        path = Path(source)
-    if path.suffix not in LOADERS:
-        raise ValueError(
-            f"{source} ends in {path.suffix!r}; use .json (Alpaca) or .jsonl (chat)"
-        )
-    return LOADERS[path.suffix](path)
 
 
 def generate_answers(
@@ -363,3 +283,33 @@ def generate_answers(
         model, prompts, max_new_tokens, temperature=0.0, stop_tokens={end}
     )
     return [tokenizer.decode(ids) for ids in new]
+
+
+@torch.no_grad()
+def greedy_exact_match(
+    model: GPT,
+    tokenizer: BPETokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 64,
+) -> list[bool]:
+    """Return, for each example, whether greedy decoding writes its answer exactly.
+
+    Greedy decoding writes the answer's tokens and then `<|end|>` exactly when, fed
+    the answer, the model's most likely next token is the answer's at every answer
+    position (and `<|end|>` after it): one forward pass checks this, where decoding
+    needs one per token. This scores the answer's own tokenization, so it can only be
+    stricter than comparing decoded text.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pairs = [loss_targets(*render_chat(tokenizer, e.messages())) for e in examples]
+    right = []
+    for start in range(0, len(pairs), batch_size):
+        x, y = pad_batch(pairs[start : start + batch_size], tokenizer.eot_id or 0)
+        x, y = x.to(device), y.to(device)  # (B, T) each
+        best = model(x).argmax(dim=-1)  # (B, T): the greedy choice at every position
+        learned = y != IGNORE_INDEX  # (B, T): the answer and its <|end|>
+        right += ((best == y) | ~learned).all(dim=-1).tolist()
+    model.train(was_training)
+    return right
