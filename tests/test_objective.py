@@ -19,13 +19,23 @@ from buildllm.tokenizer import BPETokenizer
 from buildllm.train import TrainConfig, Trainer
 
 LR = 0.05
-CONFIG = TrainConfig(batch_size=4, grad_accum_steps=2, max_steps=6, eval_interval=3,
-                     eval_steps=2, checkpoint_interval=3, sample_tokens=None,
-                     warmup_steps=0, max_lr=LR, min_lr=LR, device="cpu",
-                     dtype="float32", weight_decay=0.1,
-                     # the weights file's metadata; an nn.Linear has no tied head
-                     model=GPTConfig.from_preset("tiny", tie_embeddings=False),
-                     )  # fmt: skip
+CONFIG = TrainConfig(
+    batch_size=4,
+    grad_accum_steps=2,
+    max_steps=6,
+    eval_interval=3,
+    eval_steps=2,
+    checkpoint_interval=3,
+    sample_tokens=None,
+    warmup_steps=0,
+    max_lr=LR,
+    min_lr=LR,
+    device="cpu",
+    dtype="float32",
+    weight_decay=0.1,
+    # the weights file's metadata; an nn.Linear has no tied head
+    model=GPTConfig.from_preset("tiny", tie_embeddings=False),
+)
 
 
 class Regression:
@@ -68,15 +78,21 @@ def _linear() -> nn.Linear:
 
 def test_trainer_with_a_plugged_in_objective_equals_a_plain_pytorch_loop(tmp_path):
     config = replace(CONFIG, out_dir=str(tmp_path))
-    records = Trainer(config, progress=False, objective=Regression(),
-                      model=_linear()).fit()  # fmt: skip
+    records = Trainer(
+        config, progress=False, objective=Regression(), model=_linear()
+    ).fit()
 
     model, objective = _linear(), Regression()
     decay, no_decay = [model.weight], [model.bias]  # matrices decay, biases do not
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0}],
-        lr=LR, betas=(0.9, 0.95), eps=1e-8,
-    )  # fmt: skip
+        [
+            {"params": decay, "weight_decay": 0.1},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=LR,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     expected = []
     for _ in range(CONFIG.max_steps):
         batches = objective.next()
@@ -100,12 +116,16 @@ def test_a_resumed_run_of_a_plugged_in_objective_equals_the_uninterrupted_run(
     tmp_path,
 ):
     whole = replace(CONFIG, out_dir=str(tmp_path / "whole"))
-    want = Trainer(whole, progress=False, objective=Regression(),
-                   model=_linear()).fit()  # fmt: skip
+    want = Trainer(whole, progress=False, objective=Regression(), model=_linear()).fit()
     part = replace(CONFIG, out_dir=str(tmp_path / "part"), max_steps=3)
     Trainer(part, progress=False, objective=Regression(), model=_linear()).fit()
-    rest = Trainer(replace(part, max_steps=6), resume=True, progress=False,
-                   objective=Regression(), model=_linear()).fit()  # fmt: skip
+    rest = Trainer(
+        replace(part, max_steps=6),
+        resume=True,
+        progress=False,
+        objective=Regression(),
+        model=_linear(),
+    ).fit()
     assert [r["loss"] for r in rest] == [r["loss"] for r in want[4:]]
 
 
@@ -114,8 +134,12 @@ def test_lm_objective_hands_out_the_windows_get_batch_draws(tmp_path):
     dist = DistInfo()
     objective = LMObjective("shakespeare", model, 2, 3, 2, 7, "fast", dist)
     pairs = objective.next()
-    x, y = get_batch(objective.batches.tokens, 6, model.context_length,
-                     generator=torch.Generator().manual_seed(7))  # fmt: skip
+    x, y = get_batch(
+        objective.batches.tokens,
+        6,
+        model.context_length,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert len(pairs) == 3
     for i, (xi, yi) in enumerate(pairs):
         torch.testing.assert_close(xi, x[2 * i : 2 * i + 2], rtol=0, atol=0)

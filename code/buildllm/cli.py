@@ -4,7 +4,8 @@ Every subcommand is a thin layer over a library function the book teaches; `main
 returns an exit code so tests call it in process. Results go to stdout, progress and logs
 to stderr. Exit 0 ok, 1 failure, 2 bad usage. The subcommands live in `cli_data.py`
 (tokenize, data), `cli_train.py` (train, plot), `cli_sample.py` (sample, eval) and
-`cli_chat.py` (finetune sft|dpo, chat).
+`cli_finetune.py` (finetune classify, classify) and `cli_chat.py` (finetune sft|dpo,
+chat).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import platform
 import sys
 
 import buildllm
-from buildllm.cli_chat import add_chat_parser, add_finetune_parser
+from buildllm.cli_chat import add_chat_parser
 from buildllm.cli_data import add_data_parser, add_tokenize_parser
+from buildllm.cli_finetune import add_classify_parser, add_finetune_parser
 from buildllm.cli_sample import add_eval_parser, add_sample_parser
 from buildllm.cli_train import add_plot_parser, add_train_parser
 
@@ -79,6 +81,7 @@ PARSERS = [
     add_train_parser,
     add_plot_parser,
     add_finetune_parser,
+    add_classify_parser,
     add_chat_parser,
 ]
 

@@ -183,21 +183,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- finetune
-def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="fine-tune a trained model: sft (chat) or dpo (preferences)",
-        description="Fine-tune a model trained by `buildllm train`.",
-        epilog="examples:\n"
-        "  buildllm finetune sft --checkpoint runs/tiny --out-dir runs/sft\n"
-        "  buildllm finetune dpo --checkpoint runs/sft --out-dir runs/dpo",
-    )
-    stages = p.add_subparsers(title="stages", metavar="STAGE", required=True)
-    add_chat_stages(stages)
-
-
 def add_chat_stages(stages: argparse._SubParsersAction) -> None:
-    """Register `sft` and `dpo` under `buildllm finetune`."""
+    """Register `sft` and `dpo` under `buildllm finetune` (cli_finetune.py)."""
     sft = stages.add_parser(
         "sft",
         help="supervised fine-tuning into a chat model",
