@@ -6,6 +6,7 @@ the turn end: what the command prints must be exactly that text.
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -148,8 +149,6 @@ def test_finetune_sft_then_dpo_through_the_command_line(runs, tmp_path, capsys):
     assert main(["finetune", "dpo", "--checkpoint", str(sft), "--out-dir", str(dpo),
                  *common]) == 0  # fmt: skip
     out = capsys.readouterr().out.splitlines()
-    import json
-
     results = [json.loads(line) for line in out]
     assert [r["stage"] for r in results] == ["sft", "dpo"]
     assert [r["steps"] for r in results] == [2, 2]

@@ -61,7 +61,9 @@ class ChatSession:
     `command(line)` runs a slash command and returns what to tell the user.
     """
 
-    def __init__(self, model: GPT, tokenizer: BPETokenizer, args: argparse.Namespace):
+    def __init__(
+        self, model: GPT, tokenizer: BPETokenizer, args: argparse.Namespace
+    ) -> None:
         import torch
 
         from buildllm.chat import CHAT_TOKENS, END
