@@ -52,6 +52,24 @@ def test_cross_entropy_matches_torch_in_value_and_gradient(impl):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["manual", "fast"])
+def test_cross_entropy_ignores_targets_equal_to_ignore_index(impl):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 7, generator=gen).requires_grad_()
+    targets = torch.randint(0, 7, (2, 6), generator=gen)
+    ignored = torch.tensor([[1, 1, 0, 0, 1, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+
+    loss = cross_entropy(logits, targets.masked_fill(ignored, -100), impl=impl)
+    (grad,) = torch.autograd.grad(loss, logits)
+    kept = logits.detach()[~ignored].requires_grad_()  # only the kept positions
+    ref = F.cross_entropy(kept, targets[~ignored])
+    (ref_grad,) = torch.autograd.grad(ref, kept)
+
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[~ignored], ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(grad[ignored] == 0)
+
+
 def test_cross_entropy_of_uniform_logits_is_log_vocab_size():
     logits = torch.zeros(3, 4, 50)
     targets = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(0))

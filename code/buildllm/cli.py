@@ -4,7 +4,8 @@ Every subcommand is a thin layer over a library function the book teaches; `main
 returns an exit code so tests call it in process. Results go to stdout, progress and logs
 to stderr. Exit 0 ok, 1 failure, 2 bad usage. The subcommands live in `cli_data.py`
 (tokenize, data), `cli_train.py` (train, plot), `cli_sample.py` (sample, eval) and
-`cli_finetune.py` (finetune classify, classify).
+`cli_finetune.py` (finetune classify, classify) and `cli_chat.py` (finetune sft|dpo,
+chat).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NoReturn
 
 import buildllm
 from buildllm.checks import UsageError
+from buildllm.cli_chat import add_chat_parser
 from buildllm.cli_data import add_data_parser, add_tokenize_parser
 from buildllm.cli_finetune import add_classify_parser, add_finetune_parser
 from buildllm.cli_sample import add_eval_parser, add_sample_parser
@@ -94,6 +96,7 @@ PARSERS = [
     add_plot_parser,
     add_finetune_parser,
     add_classify_parser,
+    add_chat_parser,
 ]
 
 

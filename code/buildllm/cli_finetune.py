@@ -15,6 +15,7 @@ import re
 import sys
 
 from buildllm.classify_run import GENRE_RUN
+from buildllm.cli_chat import add_chat_stages
 from buildllm.train import TrainConfig
 
 GENRE_DATA = "shakespeare-genre"
@@ -41,10 +42,11 @@ def _positive(kind: type) -> object:
 def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a pretrained model (classify: a text classifier)",
+        help="fine-tune a pretrained model (classify, or sft/dpo for chat)",
         description="Fine-tune a pretrained model for a task.",
     )
     tasks = p.add_subparsers(title="tasks", metavar="TASK", required=True)
+    add_chat_stages(tasks)  # sft and dpo (Chapter 9, cli_chat.py)
     c = tasks.add_parser(
         "classify",
         formatter_class=p.formatter_class,

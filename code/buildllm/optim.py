@@ -21,13 +21,18 @@ from torch import Tensor, nn
 
 
 def cross_entropy(
-    logits: Tensor, targets: Tensor, impl: Literal["manual", "fast"] = "fast"
+    logits: Tensor,
+    targets: Tensor,
+    impl: Literal["manual", "fast"] = "fast",
+    ignore_index: int = -100,
 ) -> Tensor:
     """Return the mean negative log-probability the model gives each target token.
 
     "manual" writes out log-softmax (logits minus their log-sum-exp) and picks each
     target's entry with `gather`; "fast" calls `F.cross_entropy`. Both compute in
     float32 whatever the logits' dtype, so a bf16 forward still gets an accurate loss.
+    Targets equal to `ignore_index` (PyTorch's -100) are left out of the mean: the
+    prompt tokens of fine-tuning (Chapter 9); NaN if every target is ignored.
 
     Shapes: logits (B, T, V), targets (B, T) int64 -> scalar.
     Raises ValueError if the shapes do not line up.
@@ -40,12 +45,15 @@ def cross_entropy(
         )
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up
     if impl == "fast":
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index
+        )
     peak = logits.amax(dim=-1, keepdim=True).detach()  # (B, T, 1); keeps exp() finite
     log_z = peak + (logits - peak).exp().sum(dim=-1, keepdim=True).log()  # (B, T, 1)
     log_probs = logits - log_z  # (B, T, V); eq-log-softmax
-    picked = log_probs.gather(-1, targets.unsqueeze(-1))  # (B, T, 1)
-    return -picked.mean()  # eq-cross-entropy
+    keep = targets != ignore_index  # (B, T)
+    picked = log_probs.gather(-1, targets.where(keep, 0).unsqueeze(-1))  # (B, T, 1)
+    return -picked.squeeze(-1)[keep].mean()  # eq-cross-entropy
 
 
 class AdamW(torch.optim.Optimizer):
