@@ -140,6 +140,7 @@ def test_a_resumed_fine_tuning_run_logs_exactly_the_uninterrupted_losses(
 
 def test_cli_fine_tunes_a_random_hugging_face_gpt2_and_classifies(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)  # the random model's weights, whatever ran before this test
     hf = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64)
     )
@@ -152,8 +153,8 @@ def test_cli_fine_tunes_a_random_hugging_face_gpt2_and_classifies(tmp_path, caps
     out = tmp_path / "run"
     argv = ["finetune", "classify", "--checkpoint", str(tmp_path / "gpt2-random"),
             "--data", str(data), "--test", str(data), "--out-dir", str(out),
-            "--batch-size", "4", "--max-steps", "8", "--max-lr", "1e-2",
-            "--warmup-steps", "1", "--eval-interval", "4", "--device", "cpu",
+            "--batch-size", "4", "--max-steps", "16", "--max-lr", "3e-3",
+            "--warmup-steps", "2", "--eval-interval", "8", "--device", "cpu",
             "--json"]  # fmt: skip
     assert main(argv) == 0
     import json
