@@ -94,6 +94,14 @@ MUTANTS = [
            "                break\n", "",
            (("tests/test_runfolder.py::test_a_torn_last_metrics_line_is_skipped_and_"
             "dropped_on_resume"),)),
+    Mutant("the KV cache returns float32 under bf16 autocast", "attention.py",
+           "if k_all.dtype != k.dtype:", "if False:",
+           (("tests/test_attention.py::test_a_float32_kv_cache_returns_keys_and_values_"
+            "in_the_dtype_of_the_new_ones"),)),
+    Mutant("a whole .part file is fetched forever (HTTP 416)", "data.py",
+           "if err.code == 416:", "if False:",
+           (("tests/test_cli.py::test_data_download_caches_a_corpus_and_keeps_a_part_"
+            "file_that_is_already_whole"),)),
 ]  # fmt: skip
 
 
