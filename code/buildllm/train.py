@@ -92,9 +92,9 @@ class TrainConfig:
     out_dir: str = "runs/tiny"
     batch_size: int = 32
     grad_accum_steps: int = 1
-    max_steps: int = 300
-    max_lr: float = 2e-3  # a 1M-parameter model takes larger steps than GPT-2 (6e-4)
-    min_lr: float = 2e-4  # max_lr / 10 at the end of the cosine, as GPT-3
+    max_steps: int = 200
+    max_lr: float = 4e-3  # a 1M-parameter model takes larger steps than GPT-2 (6e-4)
+    min_lr: float = 4e-4  # max_lr / 10 at the end of the cosine, as GPT-3
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
