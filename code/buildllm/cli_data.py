@@ -12,7 +12,7 @@ import json
 import sys
 
 from buildllm.checks import Range
-from buildllm.tokenizer import BPETokenizer
+from buildllm.datasources import load_tokenizer
 
 # ---------------------------------------------------------------- tokenize
 VOCAB = Range(int, low=257)  # the 256 bytes and at least one special token
@@ -130,13 +130,6 @@ def add_tokenize_parser(sub: argparse._SubParsersAction) -> None:
         help="print one JSON object: ids, token count, bytes per token",
     )
     e.set_defaults(handler=run_tokenize_encode)
-
-
-def load_tokenizer(name: str) -> BPETokenizer:
-    """Return GPT-2's tokenizer for "gpt2", else the tokenizer saved at path `name`."""
-    from buildllm.tokenizer import gpt2_tokenizer
-
-    return gpt2_tokenizer() if name == "gpt2" else BPETokenizer.load(name)
 
 
 def run_tokenize_train(args: argparse.Namespace) -> int:
