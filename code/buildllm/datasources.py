@@ -45,12 +45,13 @@ def data_folder(name: str) -> Path:
     """Return the folder (or text file) `--data name` means; FileNotFoundError if none."""
     name = DATA_ALIASES.get(name, name)
     folder = data.get_cache_dir() / name if name in shards.DATASETS else Path(name)
-    if not folder.exists():
+    if not (folder.is_dir() or (folder.is_file() and text_files(folder))):
         how = f"prepare it: buildllm data prepare --dataset {name} --out-dir {folder}"
         if name not in shards.DATASETS:
             how = f"pass --data {' or '.join(corpora.EMBEDDED)}, a text file, or a "
             how += "folder of .txt files or with train.bin and val.bin"
-        raise FileNotFoundError(f"data {folder} does not exist; {how}")
+        what = "is a token file, not a folder" if folder.is_file() else "does not exist"
+        raise FileNotFoundError(f"data {folder} {what}; {how}")
     return folder
 
 
