@@ -8,6 +8,7 @@ held-out token files, `--task hellaswag` on HellaSwag (Chapter 7).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import TYPE_CHECKING
 
@@ -121,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "eval scores one model: give a run folder (buildllm eval runs/tiny), "
             "--checkpoint PATH or --hf PATH"
         )
-    args.checkpoint = args.checkpoint or args.run
+    args.checkpoint = args.checkpoint or args.run  # RUN is a checkpoint too
     task = args.task or ("val" if args.run else "hellaswag")
     model = load_cli_model(args.checkpoint, args.hf, args.device)
     device = next(model.parameters()).device
@@ -171,14 +172,10 @@ def eval_tokenizer(args: argparse.Namespace) -> BPETokenizer:
         if args.checkpoint:
             check_run_tokenizer(args.checkpoint, tokenizer, args.tokenizer)
         return tokenizer
-    try:
-        return (
-            run_tokenizer(args.checkpoint)
-            if args.checkpoint
-            else load_tokenizer("gpt2")
-        )
-    except FileNotFoundError:  # a checkpoint saved without a run folder around it
-        return load_tokenizer("gpt2")
+    if args.checkpoint:  # saved without a run folder around it: GPT-2's
+        with contextlib.suppress(FileNotFoundError):
+            return run_tokenizer(args.checkpoint)
+    return load_tokenizer("gpt2")
 
 
 def run_val_tokens(run: str, vocab_size: int, tokenizer: BPETokenizer) -> np.ndarray:

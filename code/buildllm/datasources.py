@@ -199,8 +199,8 @@ def prepare_text(
     """Return the cache folder holding `path`'s text as train.bin, val.bin, tokenizer.json.
 
     `tokenizer` None trains a BPE tokenizer of `vocab_size` ids on the training split
-    (cached too). `log` receives what happens in words: how the text was split, and
-    whether a tokenizer was trained. Files appear whole (atomic writes), tokenizer.json
+    (cached too). `log` receives what happened in words, once it succeeded: whether a
+    tokenizer was trained, how the text was split, where the tokens are. Files appear whole (atomic writes), tokenizer.json
     last, so a folder with it is complete. Raises as `split_text` and
     `BPETokenizer.train` (e.g. a text too small for `vocab_size`).
     """
@@ -214,16 +214,16 @@ def prepare_text(
         digest.update(data.sha256_file(file).encode())
     key = digest.hexdigest()
     train, val, how = split_text(files)
-    say(how)
     if tokenizer is None:
         saved = data.get_cache_dir() / f"text-bpe-{vocab_size}-{key[:16]}.json"
         if saved.is_file():
             tokenizer = BPETokenizer.load(saved)
-        else:
-            say(f"training a {vocab_size}-token BPE tokenizer on the training split")
+        else:  # a refusal (text too small) is then the only line the user sees
             tokenizer = BPETokenizer.train(train, vocab_size)
             saved.parent.mkdir(parents=True, exist_ok=True)
             tokenizer.save(saved)
+            say(f"trained a {vocab_size}-token BPE tokenizer on the training split")
+    say(how)
     name = hashlib.sha256(f"{key} {tokenizer.hash}".encode()).hexdigest()[:16]
     folder = data.get_cache_dir() / f"text-{name}"
     if not (folder / TOKENIZER).is_file():
