@@ -60,27 +60,47 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "--task",
         choices=["hellaswag", "val"],
         default=None,
-        help="hellaswag: accuracy on its 10,042 validation examples; val: loss, "
-        "perplexity (and for RUN bits per byte) on --data, else RUN's validation "
-        "split; default: val for RUN, hellaswag for --checkpoint and --hf",
+        help="hellaswag: accuracy on its 10,042 validation examples; val: loss and "
+        "perplexity on --data, or on RUN's own validation split (with bits per "
+        "byte); None: val for RUN, hellaswag for --checkpoint and --hf",
     )
-    p.add_argument("--hellaswag-path", default=None,
-                   help="official hellaswag_val.jsonl; None: download")  # fmt: skip
-    p.add_argument("--data", default=None,
-                   help="--task val: a shards folder or a token file")  # fmt: skip
+    p.add_argument(
+        "--hellaswag-path",
+        default=None,
+        help="official hellaswag_val.jsonl; None: download",
+    )
+    p.add_argument(
+        "--data", default=None, help="--task val: a shards folder or a token file"
+    )
     p.add_argument(
         "--tokenizer",
         default=None,
         help="a saved BPETokenizer or 'gpt2'; None: the run's own, else GPT-2's",
     )
-    p.add_argument("--limit", type=OPTIONAL_POSITIVE.parse, default=None,
-                   help="score only the first N examples")  # fmt: skip
-    p.add_argument("--batch-size", type=POSITIVE.parse, default=8,
-                   help="--task val: sequences per batch")  # fmt: skip
-    p.add_argument("--max-batches", type=OPTIONAL_POSITIVE.parse, default=None,
-                   help="--task val: stop after N")  # fmt: skip
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks cuda, then mps, then cpu")  # fmt: skip
+    p.add_argument(
+        "--limit",
+        type=OPTIONAL_POSITIVE.parse,
+        default=None,
+        help="score only the first N examples",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=POSITIVE.parse,
+        default=8,
+        help="validation loss: sequences per batch",
+    )
+    p.add_argument(
+        "--max-batches",
+        type=OPTIONAL_POSITIVE.parse,
+        default=None,
+        help="validation loss: stop after N batches",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="auto picks cuda, then mps, then cpu",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_eval)
 
@@ -145,8 +165,9 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             tokens = val_tokens_of(args, V)
         T = model.config.context_length
-        loss = evaluate.evaluate_loss(model, tokens, T, args.batch_size, args.max_batches,
-                                      device)  # fmt: skip
+        loss = evaluate.evaluate_loss(
+            model, tokens, T, args.batch_size, args.max_batches, device
+        )
         result |= {"val_loss": loss, "perplexity": evaluate.perplexity(loss)}
         if args.data is None:  # the run's own text: its bytes are known
             from buildllm.objective import VAL_BPB_TOKENS
