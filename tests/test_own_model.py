@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import buildllm
 from buildllm.checkpoint import latest_checkpoint, load_model, read_config, read_metrics
 from buildllm.cli import main
 from buildllm.model import GPTConfig
@@ -327,7 +328,8 @@ def test_the_readme_trains_samples_and_evaluates_your_own_text_as_written(
     (bin_dir / "buildllm").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("BUILDLLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "code"))  # this checkout's package
+    package_root = Path(buildllm.__file__).parents[1]  # the package under test
+    monkeypatch.setenv("PYTHONPATH", str(package_root))
     monkeypatch.chdir(tmp_path)
     (shell,) = [b for b in readme_blocks("bash") if "--data my_text.txt" in b]
     python = readme_blocks("python")
