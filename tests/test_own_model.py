@@ -194,33 +194,6 @@ def test_eval_of_an_embedded_corpus_run_scores_its_validation_works(tmp_path, ca
     assert tokenizer.vocab_size == 300 == load_model(run).config.vocab_size
 
 
-def test_a_folder_of_text_files_validates_on_whole_files_and_trains_bpe_on_the_rest(
-    tmp_path,
-):
-    from buildllm.distributed import load_data
-
-    folder = tmp_path / "texts"
-    (folder / "more").mkdir(parents=True)
-    names = ["a.txt", "b.txt", "more/c.txt", "more/d.txt", "z.txt"]
-    for i, name in enumerate(names):
-        (folder / name).write_text(make_text(200, seed=i), encoding="utf-8")
-    (folder / "notes.md").write_text("not a .txt file: left out\n")
-
-    logged: list[str] = []
-    train, val, tokenizer = load_data(str(folder), 300, log=logged.append)
-
-    files = [folder / name for name in names]  # in name order; the last fifth validates
-    expected = BPETokenizer.train(files[:4], 300, progress=False)
-    assert tokenizer.hash == expected.hash
-
-    def encode(paths: list[Path]) -> list[int]:
-        return [t for p in paths for t in expected.encode(p.read_text()) + [299]]
-
-    assert train.tolist() == encode(files[:4])
-    assert val.tolist() == encode(files[4:])
-    assert any("the last 1 of 5 files" in line and "z.txt" in line for line in logged)
-
-
 @pytest.mark.slow
 def test_data_prepare_then_train_follows_the_data_tokenizer_and_exports(tmp_path):
     from buildllm.hf import export_hf, load_hf_gpt2
