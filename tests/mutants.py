@@ -102,6 +102,14 @@ MUTANTS = [
            "if err.code == 416:", "if False:",
            (("tests/test_cli.py::test_data_download_caches_a_corpus_and_keeps_a_part_"
             "file_that_is_already_whole"),)),
+    Mutant("a --tokenizer other than the data's is taken", "distributed.py",
+           "if given is not None and given.hash != found.hash:", "if False:",
+           (("tests/test_own_model.py::test_a_tokenizer_that_is_not_the_data_or_run_"
+             "tokenizer_is_refused_in_one_line[train]"),)),
+    Mutant("the model's vocabulary ignores the data's tokenizer", "datasources.py",
+           'if "vocab_size" not in overrides:', "if False:",
+           (("tests/test_own_model.py::test_data_prepare_then_train_follows_the_data_"
+             "tokenizer_and_exports"),)),
 ]  # fmt: skip
 
 

@@ -135,7 +135,10 @@ def test_prepare_writes_tiktokens_ids_split_into_train_and_val(
     assert train.tolist() + val.tolist() == expected
     assert len(val) == int(len(expected) * 0.1)
     assert read_header(paths["val"])["tokenizer_hash"] == gpt2_tokenizer().hash
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "val.bin"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["tokenizer.json", "train.bin", "val.bin"]  # no temporary file left
+    saved = BPETokenizer.load(tmp_path / "tokenizer.json")
+    assert saved.encode(docs[0]) == gpt2_encoding.encode(docs[0])
 
 
 # ---------------------------------------------------------------- downloads

@@ -45,6 +45,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     prepare(TEXT, tokenizer, root / "data", workers=1, progress=False)
     tokenizer.save(root / "data" / "tokenizer.json")
     (root / "notes.txt").write_text("a user's own notes\n")
+    (root / "shape.json").write_text('{"d_modle": 64}')
+    (root / "poem.txt").write_text("roses are red,\nviolets are blue\n" * 20)
     (root / "empty").mkdir()
     return {
         "root": root,
@@ -52,6 +54,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
         "data": root / "data",
         "tok": root / "tok.json",
         "file": root / "notes.txt",
+        "shape": root / "shape.json",
+        "poem": root / "poem.txt",
         "empty": root / "empty",
         "missing": root / "missing",
     }
@@ -189,6 +193,58 @@ CASES = [
         [*T, "--data", "{missing}", "--out-dir", "{root}/r"],
         1,
         ["does not exist", "--data shakespeare"],
+    ),
+    # ---- train: the model's shape, checked as GPTConfig checks it (exit 2)
+    (
+        "d model not divisible by heads",
+        [*T, "--d-model", "50", "--n-heads", "3"],
+        2,
+        ["--d-model 50", "--n-heads 3", "use --n-heads 2"],
+    ),
+    (
+        "kv heads not dividing heads",
+        [*T, "--n-heads", "4", "--n-kv-heads", "3"],
+        2,
+        ["--n-kv-heads 3", "--n-heads 4"],
+    ),
+    (
+        "rope with odd head dim",
+        [*T, "--d-model", "12", "--n-heads", "4", "--pos", "rope"],
+        2,
+        ["head_dim=3", "even"],
+    ),
+    ("dropout one", [*T, "--dropout", "1"], 2, ["--dropout", "[0, 1)"]),
+    ("unknown norm", [*T, "--norm", "batchnorm"], 2, ["--norm", "rmsnorm"]),
+    ("d ff zero", [*T, "--d-ff", "0"], 2, ["--d-ff", ">= 1", "none"]),
+    (
+        "model config not json",
+        [*T, "--model-config", "{file}"],
+        1,
+        ["--model-config", "not JSON"],
+    ),
+    (
+        "model config unknown field",
+        [*T, "--model-config", "{shape}"],
+        1,
+        ["d_modle", "GPTConfig lacks", "d_model"],
+    ),
+    (
+        "vocab smaller than the data's",
+        [*T, "--data", "{data}", "--vocab-size", "100"],
+        1,
+        ["--vocab-size 100", "300 tokens", "leave vocab_size unset"],
+    ),
+    (
+        "text too small for the vocabulary",
+        [*T, "--data", "{poem}", "--vocab-size", "4096"],
+        1,
+        ["--vocab-size 4096 cannot be reached", "larger corpus"],
+    ),
+    (
+        "text without a line to split at",
+        [*T, "--data", "{file}"],
+        1,
+        ["no line break", "a folder of several files"],
     ),
     # ---- sample
     ("temperature negative", [*S, "--temperature", "-1"], 2, ["--temperature", ">= 0"]),
@@ -515,7 +571,7 @@ def test_a_model_with_more_ids_than_its_data_tokenizer_trains_and_samples(
 ):
     out = tmp_path / "run"
     argv = ["train", *RUN, "--data", str(world["data"]), "--sample-tokens", "8",
-            "--out-dir", str(out)]  # fmt: skip
+            "--vocab-size", "4096", "--out-dir", str(out)]  # fmt: skip
     assert main(argv) == 0  # the 4096-id model samples ids the 300-id tokenizer lacks
     capsys.readouterr()
     assert main(["sample", "--checkpoint", str(out), "--max-new-tokens", "8",

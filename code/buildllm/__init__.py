@@ -2,9 +2,9 @@
 
 Each module holds one idea of the book, in the order the chapters teach them, and imports
 only modules to its left: bpe → tokenizer → data → shards → attention → model →
-evaluate → optim → profiling → generate → checkpoint → distributed → train → hf →
-hf_tokenizer → cli_data → cli_train → cli_sample → cli, with backprop and
-backprop_model (Appendix A) beside model.
+evaluate → optim → profiling → generate → checkpoint → datasources → distributed →
+train → hf → hf_tokenizer → cli_data → cli_train → cli_sample → cli_eval → cli, with
+backprop and backprop_model (Appendix A) beside model.
 """
 
 __version__ = "0.1.0"

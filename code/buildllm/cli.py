@@ -3,9 +3,9 @@
 Every subcommand is a thin layer over a library function the book teaches; `main(argv)`
 returns an exit code so tests call it in process. Results go to stdout, progress and logs
 to stderr. Exit 0 ok, 1 failure, 2 bad usage. The subcommands live in `cli_data.py`
-(tokenize, data), `cli_train.py` (train, plot), `cli_sample.py` (sample, eval) and
-`cli_finetune.py` (finetune classify, classify) and `cli_chat.py` (finetune sft|dpo,
-chat).
+(tokenize, data), `cli_train.py` (train, plot), `cli_sample.py` (sample), `cli_eval.py`
+(eval), `cli_finetune.py` (finetune classify, classify) and `cli_chat.py` (finetune
+sft|dpo, chat).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import buildllm
 from buildllm.checks import UsageError
 from buildllm.cli_chat import add_chat_parser
 from buildllm.cli_data import add_data_parser, add_tokenize_parser
+from buildllm.cli_eval import add_eval_parser
 from buildllm.cli_finetune import add_classify_parser, add_finetune_parser
-from buildllm.cli_sample import add_eval_parser, add_sample_parser
+from buildllm.cli_sample import add_sample_parser
 from buildllm.cli_train import add_plot_parser, add_train_parser
 from buildllm.runfolder import is_disk_full
 

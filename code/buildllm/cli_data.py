@@ -12,7 +12,7 @@ import json
 import sys
 
 from buildllm.checks import Range
-from buildllm.tokenizer import BPETokenizer
+from buildllm.datasources import load_tokenizer
 
 # ---------------------------------------------------------------- tokenize
 VOCAB = Range(int, low=257)  # the 256 bytes and at least one special token
@@ -132,13 +132,6 @@ def add_tokenize_parser(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(handler=run_tokenize_encode)
 
 
-def load_tokenizer(name: str) -> BPETokenizer:
-    """Return GPT-2's tokenizer for "gpt2", else the tokenizer saved at path `name`."""
-    from buildllm.tokenizer import gpt2_tokenizer
-
-    return gpt2_tokenizer() if name == "gpt2" else BPETokenizer.load(name)
-
-
 def run_tokenize_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -251,14 +244,16 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     dl.set_defaults(handler=run_data_download)
     pr = actions.add_parser(
         "prepare",
-        help="tokenize a corpus into train.bin and val.bin",
+        help="tokenize a corpus into train.bin, val.bin and tokenizer.json",
         description="Tokenize a corpus in parallel, chunk by chunk (memory stays "
         "bounded), with <|endoftext|> after each document, and write OUT_DIR/train.bin "
         "and OUT_DIR/val.bin: a small header (dtype, vocab size, tokenizer hash), then "
         "uint16 ids (uint32 above 65,536 tokens). The last --val-fraction of the "
-        "tokens "
-        "is the validation split.",
+        "tokens is the validation split. The tokenizer goes beside them, as "
+        "OUT_DIR/tokenizer.json, so `buildllm train --data OUT_DIR` reads the text "
+        "with it (and sizes the model's vocabulary to it).",
         epilog="examples:\n  buildllm data prepare --out-dir data/stdlib\n"
+        "  buildllm train --data data/stdlib --out-dir runs/stdlib\n"
         "  buildllm data prepare --dataset fineweb-edu-10B\n"
         "  buildllm data prepare --corpus tinystories-valid --tokenizer tok.json "
         "--out-dir data/stories\n  buildllm data prepare --corpus a.txt b.txt "

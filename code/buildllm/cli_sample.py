@@ -1,8 +1,9 @@
-"""The `buildllm sample` and `buildllm eval` commands: use and measure a model.
+"""The `buildllm sample` command: continue prompts with a trained model.
 
-Part of the command line (`cli.py` registers these parsers): `sample` loads a
+Part of the command line (`cli.py` registers this parser): `sample` loads a
 `buildllm train` checkpoint or GPT-2's Hugging Face weights and streams or batches
-completions (Chapter 6); `eval` scores HellaSwag or validation loss (Chapter 7).
+completions (Chapter 6). The helpers that load a model and find its tokenizer serve
+`buildllm eval` (`cli_eval.py`) too.
 """
 
 from __future__ import annotations
@@ -171,12 +172,12 @@ def load_cli_model(checkpoint: str | None, hf: str | None, device: str) -> GPT:
 def load_for_sampling(args: argparse.Namespace) -> tuple[GPT, BPETokenizer]:
     """Return (model, tokenizer) for `buildllm sample`, checking that they fit."""
     model = load_cli_model(args.checkpoint, args.hf_checkpoint, args.device)
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    elif args.hf_checkpoint:
+    if args.hf_checkpoint and not args.tokenizer:
         from buildllm.hf_tokenizer import load_hf_tokenizer
 
         tokenizer = load_hf_tokenizer(args.hf_checkpoint)
+    elif args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
     else:
         tokenizer = run_tokenizer(args.checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -185,7 +186,27 @@ def load_for_sampling(args: argparse.Namespace) -> tuple[GPT, BPETokenizer]:
             f"{model.config.vocab_size}; pass the tokenizer the model was trained with "
             "(--tokenizer FILE)"
         )
+    if args.tokenizer and args.checkpoint:
+        check_run_tokenizer(args.checkpoint, tokenizer, args.tokenizer)
     return model, tokenizer
+
+
+def check_run_tokenizer(checkpoint: str, tokenizer: BPETokenizer, name: str) -> None:
+    """Raise ValueError if `tokenizer` (--tokenizer `name`) is not the run's own.
+
+    A run that saved no tokenizer.json (one not made by `buildllm train`) has nothing
+    to compare with: any tokenizer whose ids fit the model is taken.
+    """
+    try:
+        own = run_tokenizer(checkpoint)
+    except FileNotFoundError:
+        return
+    if own.hash != tokenizer.hash:
+        raise ValueError(
+            f"--tokenizer {name} is not the tokenizer {checkpoint} was trained with (its "
+            "tokenizer.json), so the model would read other text than it learned; "
+            "drop --tokenizer"
+        )
 
 
 def run_tokenizer(checkpoint: str) -> BPETokenizer:
@@ -205,121 +226,3 @@ def run_tokenizer(checkpoint: str) -> BPETokenizer:
             "model's tokenizer is unknown; pass --tokenizer FILE (or --tokenizer gpt2)"
         )
     return BPETokenizer.load(found[0])
-
-
-# ---------------------------------------------------------------- eval
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="measure a model: HellaSwag accuracy or validation loss and perplexity",
-        description="Score a trained checkpoint, or the published GPT-2 weights, on\n"
-        "HellaSwag (the ending with the highest mean token log-likelihood wins:\n"
-        "acc_norm; GPT-2 124M scores about 0.29) or on held-out token shards (loss\n"
-        "and perplexity).",
-        epilog="examples:\n"
-        "  buildllm eval --checkpoint runs/gpt2-124m --task hellaswag\n"
-        "  buildllm eval --checkpoint runs/gpt2-124m --task val \\\n"
-        "      --data data/fineweb-edu-10B\n"
-        "  buildllm eval --hf gpt2/ --task hellaswag --limit 1000 --json",
-    )
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument(
-        "--checkpoint", help="a run's out_dir, checkpoint folder or weights"
-    )
-    model.add_argument("--hf", help="Hugging Face GPT-2 folder or model.safetensors")
-    p.add_argument("--task", choices=["hellaswag", "val"], default="hellaswag",
-                   help="hellaswag: accuracy on its 10,042 validation examples; "
-                   "val: loss and perplexity on --data")  # fmt: skip
-    p.add_argument("--hellaswag-path", default=None,
-                   help="official hellaswag_val.jsonl; None: download")  # fmt: skip
-    p.add_argument("--data", default=None,
-                   help="--task val: a shards folder or a token file")  # fmt: skip
-    p.add_argument(
-        "--tokenizer", default=None, help="a saved BPETokenizer; None: GPT-2's"
-    )
-    p.add_argument("--limit", type=OPTIONAL_POSITIVE.parse, default=None,
-                   help="score only the first N examples")  # fmt: skip
-    p.add_argument("--batch-size", type=POSITIVE.parse, default=8,
-                   help="--task val: sequences per batch")  # fmt: skip
-    p.add_argument("--max-batches", type=OPTIONAL_POSITIVE.parse, default=None,
-                   help="--task val: stop after N")  # fmt: skip
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks cuda, then mps, then cpu")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler=run_eval)
-
-
-def check_tokens_fit(path: object, args: argparse.Namespace, vocab_size: int) -> None:
-    """Raise ValueError unless token file `path` was written by the model's tokenizer.
-
-    The file's header names its tokenizer's hash; the model's tokenizer is --tokenizer,
-    else the run's tokenizer.json (for --checkpoint), else GPT-2's (for --hf).
-    """
-    from buildllm.data import read_header
-
-    header = read_header(path)
-    if header["tokenizer_hash"] is None:  # written without one: nothing to compare
-        tokenizer = None
-    elif args.tokenizer or not args.checkpoint:
-        tokenizer = load_tokenizer(args.tokenizer or "gpt2")
-    else:
-        tokenizer = run_tokenizer(args.checkpoint)
-    if tokenizer is not None and header["tokenizer_hash"] != tokenizer.hash:
-        raise ValueError(
-            f"{path} was written with another tokenizer than the model's, so its loss "
-            "would mean nothing; pass --data tokenized with the model's tokenizer (or "
-            "--tokenizer FILE if the model's tokenizer is another file)"
-        )
-    if (header["vocab_size"] or 0) > vocab_size:
-        raise ValueError(
-            f"{path} holds ids of a {header['vocab_size']}-token vocabulary but the "
-            f"model has vocab_size={vocab_size}; pass --data of the model's tokenizer"
-        )
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from buildllm import evaluate
-
-    model = load_cli_model(args.checkpoint, args.hf, args.device)
-    device = next(model.parameters()).device
-    result: dict[str, object] = {"task": args.task}
-    if args.task == "hellaswag":
-        tok = load_tokenizer(args.tokenizer or "gpt2")
-        if tok.vocab_size != model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {tok.vocab_size} ids but the model "
-                f"{model.config.vocab_size}; pass the run's tokenizer with --tokenizer"
-            )
-        examples = evaluate.load_hellaswag(args.hellaswag_path)
-        result |= evaluate.evaluate_hellaswag(model, tok, examples, device, args.limit)
-    else:
-        from pathlib import Path
-
-        from buildllm.data import load_tokens
-        from buildllm.shards import find_shards
-
-        if args.data is None:
-            raise ValueError("--task val needs --data: a shards folder or a token file")
-        path = Path(args.data)
-        if path.is_dir():
-            path = (
-                path / "val.bin"
-                if (path / "val.bin").is_file()
-                else find_shards(path, "val")[0]
-            )
-        tokens = load_tokens(path)
-        check_tokens_fit(path, args, model.config.vocab_size)
-        T = model.config.context_length
-        loss = evaluate.evaluate_loss(model, tokens, T, args.batch_size, args.max_batches,
-                                      device)  # fmt: skip
-        result |= {"val_loss": loss, "perplexity": evaluate.perplexity(loss)}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(
-                f"{key:>12}: {value:.4f}"
-                if isinstance(value, float)
-                else f"{key:>12}: {value}"
-            )
-    return 0

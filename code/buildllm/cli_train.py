@@ -11,14 +11,18 @@ import argparse
 import json
 import re
 
-from buildllm.checks import TRAIN_RULES, OneOf, Range, UsageError
+from buildllm.checks import MODEL_RULES, TRAIN_RULES, OneOf, Range, UsageError
 
 # ---------------------------------------------------------------- train / plot
 TRAIN_HELP = {
     "preset": "model and run preset: tiny trains on a laptop CPU in minutes; gpt2-124m "
     "is llm.c's GPT-2 small run for GPUs (524,288 tokens a step, 10B tokens)",
     "data": "'shakespeare' or 'stdlib' (corpora in the package), 'fineweb-edu' (shards "
-    "prepared by `buildllm data prepare`), or a folder with train.bin and val.bin",
+    "prepared by `buildllm data prepare`), a folder with train.bin and val.bin, or your "
+    "own text: a UTF-8 file or a folder of .txt files (split, tokenized and cached)",
+    "tokenizer": "a tokenizer file or 'gpt2' for the text; 'none': the data folder's "
+    "own, or for text and the embedded corpora a BPE of --vocab-size trained on the "
+    "training split",
     "out_dir": "folder for checkpoints, metrics.jsonl and tokenizer.json",
     "batch_size": "sequences per forward pass on each process",
     "grad_accum_steps": "micro-batches per optimizer step, shared out over processes",
@@ -44,6 +48,27 @@ TRAIN_HELP = {
     "impl": "loss, clipping and AdamW: 'manual' (written out) or 'fast' (fused torch)",
     "strategy": "with several processes (torchrun): ddp, or fsdp to shard the model",
     "peak_flops": "peak FLOP/s of one device, for MFU ('none': look the GPU up)",
+}
+MODEL_HELP = {
+    "vocab_size": "token ids the model knows; unset: the data's tokenizer's, or the "
+    "size of the BPE trained for text and the embedded corpora",
+    "context_length": "positions per sequence (the longest text the model reads)",
+    "d_model": "width of every position's vector",
+    "n_layers": "transformer blocks",
+    "n_heads": "attention heads; must divide --d-model",
+    "n_kv_heads": "key/value heads for grouped-query attention; must divide --n-heads "
+    "('none': one per query head)",
+    "d_ff": "MLP hidden width ('none': 4 x d_model for gelu, 8/3 x d_model for swiglu)",
+    "norm": "normalisation before attention and MLP",
+    "mlp": "gelu (GPT-2) or swiglu (Llama)",
+    "pos": "positions: learned embeddings (GPT-2) or RoPE rotations",
+    "rope_base": "RoPE's base frequency",
+    "rope_pairing": "which dimensions RoPE rotates together",
+    "bias": "biases in the linear layers and norms",
+    "tie_embeddings": "the output head shares the token embedding matrix",
+    "dropout": "dropout probability while training",
+    "norm_eps": "epsilon added inside the norm's square root",
+    "attn_impl": "attention: 'manual' (written out) or 'fast' (PyTorch's SDPA)",
 }
 
 
@@ -84,6 +109,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "  buildllm train                    # tiny model, embedded corpus, any CPU\n"
         "  buildllm train --max-steps 2000 --out-dir runs/longer\n"
         "  buildllm train --resume           # continue runs/tiny\n"
+        "  buildllm train --data my_text.txt --out-dir runs/mine   # your own text\n"
+        "  buildllm train --d-model 256 --n-layers 6 --n-heads 8 --pos rope "
+        "--no-bias --out-dir runs/wide\n"
         "  buildllm train --preset gpt2-124m --data fineweb-edu\n"
         "  torchrun --nproc_per_node=8 $(which buildllm) train --preset gpt2-124m "
         "--data fineweb-edu\n"
@@ -96,20 +124,56 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         default, other = f.default, getattr(big, f.name)
         differs = other != default and f.name not in ("preset", "out_dir")
         shown = f"{default}" + (f"; gpt2-124m: {other}" if differs else "")
-        kwargs = {"help": f"{TRAIN_HELP[f.name]} (default: {shown})"}
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            rule = TRAIN_RULES.get(f.name)  # the config's own rule, checked here
-            kwargs["type"] = rule.parse if isinstance(rule, Range) else type(default)
-            kwargs["choices"] = rule.words if isinstance(rule, OneOf) else None
-            kwargs["choices"] = kwargs["choices"] or choices.get(f.name)
-        flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the newest checkpoint in --out-dir")  # fmt: skip
+        help = f"{TRAIN_HELP[f.name]} (default: {shown})"
+        _add_field_flag(p, f.name, default, TRAIN_RULES.get(f.name), help, choices)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest checkpoint in --out-dir",
+    )
+    shape = p.add_argument_group(
+        "model shape",
+        "GPTConfig's fields, over the preset's model and over --model-config; each "
+        "help line shows the tiny preset's value and, where it differs, gpt2-124m's",
+    )
+    tiny = gpt.GPTConfig.from_preset("tiny")
+    for f in fields(gpt.GPTConfig):
+        default, other = getattr(tiny, f.name), getattr(model, f.name)
+        shown = f"{default}" + (f"; gpt2-124m: {other}" if other != default else "")
+        help = f"{MODEL_HELP[f.name]} (tiny: {shown})"
+        _add_field_flag(shape, f.name, default, MODEL_RULES.get(f.name), help, {})
+    shape.add_argument(
+        "--model-config",
+        metavar="FILE.json",
+        help='a JSON object of GPTConfig fields (e.g. {"d_model": 256}) over the '
+        "preset's model; flags override it",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=run_train)
+
+
+def _add_field_flag(
+    group: argparse._ActionsContainer,
+    name: str,
+    default: object,
+    rule: Range | OneOf | None,
+    help: str,
+    choices: dict[str, list[str]],
+) -> None:
+    """Add the flag of config field `name`, parsed by its rule (a switch for a bool)."""
+    kwargs: dict[str, object] = {"help": help}
+    if isinstance(default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:  # the config's own rule, checked as the flag is read
+        text = _none_or_str if default is None else str  # "none" means None
+        kwargs["type"] = rule.parse if isinstance(rule, Range) else text
+        kwargs["choices"] = rule.words if isinstance(rule, OneOf) else choices.get(name)
+    flag = "--" + name.replace("_", "-")
+    group.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
+
+def _none_or_str(text: str) -> str | None:
+    return None if text.lower() == "none" else text
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -117,15 +181,24 @@ def run_train(args: argparse.Namespace) -> int:
 
     from buildllm.checkpoint import read_metrics
     from buildllm.distributed import destroy_distributed
+    from buildllm.model import GPTConfig
     from buildllm.train import TrainConfig, Trainer
 
     names = [f.name for f in fields(TrainConfig)]
     given = {name: getattr(args, name) for name in names if name in args}
+    shape_names = [f.name for f in fields(GPTConfig)]
+    shape = read_model_config(args.model_config) if args.model_config else {}
+    shape |= {name: getattr(args, name) for name in shape_names if name in args}
     try:
-        config = TrainConfig.from_preset(given.pop("preset", "tiny"), **given)
+        config = TrainConfig.from_preset(
+            given.pop("preset", "tiny"), model=shape, **given
+        )
     except ValueError as err:  # a rule across flags, e.g. --min-lr above --max-lr
-        raise UsageError(in_flag_terms(str(err), names)) from None
-    trainer = Trainer(config, resume=args.resume)
+        raise UsageError(in_flag_terms(str(err), names + shape_names)) from None
+    try:
+        trainer = Trainer(config, resume=args.resume)
+    except ValueError as err:  # e.g. a text too small for vocab_size: say --vocab-size
+        raise ValueError(in_flag_terms(str(err), names + shape_names)) from err
     try:
         records = trainer.fit()
     finally:
@@ -151,6 +224,38 @@ def run_train(args: argparse.Namespace) -> int:
             shown = f"{value:{spec}}" if isinstance(value, float) else value
             print(f"{key:>12}: {shown}")
     return 0
+
+
+def read_model_config(path: str) -> dict[str, object]:
+    """Return the GPTConfig fields in JSON file `path` (a --model-config).
+
+    Raises FileNotFoundError for a missing file and ValueError for one that is not a
+    JSON object of GPTConfig fields, naming the unknown ones.
+    """
+    from dataclasses import fields
+    from pathlib import Path
+
+    from buildllm.checks import check_file
+    from buildllm.model import GPTConfig
+
+    path = check_file(path, "--model-config")
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--model-config {path} is not JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise TypeError(
+            f"--model-config {path} must hold a JSON object such as "
+            '{"d_model": 256, "n_layers": 6}'
+        )
+    unknown = sorted(set(values) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        known = ", ".join(f.name for f in fields(GPTConfig))
+        raise ValueError(
+            f"--model-config {path} has fields {unknown} that GPTConfig lacks; "
+            f"use these: {known}"
+        )
+    return values
 
 
 def in_flag_terms(message: str, names: list[str]) -> str:

@@ -38,6 +38,7 @@ from buildllm.tokenizer import BPETokenizer
 MAGIC = b"BLLMTOK1"
 HEADER_BYTES = 256  # magic + padded JSON; keeps the ids 256-byte aligned for memmap
 BLOCK = 1 << 20  # bytes per read or write: steady memory whatever the file size
+TOKENIZER = "tokenizer.json"  # the tokenizer of a data folder's (and a run's) tokens
 
 
 @dataclass(frozen=True)
@@ -322,15 +323,23 @@ def prepare(
     impl: Literal["manual", "fast"] = "fast",
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Tokenize a corpus into `out_dir/train.bin` and `out_dir/val.bin`.
+    """Tokenize a corpus into `out_dir/train.bin`, `out_dir/val.bin`, tokenizer.json.
 
     The last `val_fraction` of the token stream is the validation split. The ids stream
-    to disk (memory stays at a few chunks), then split by copying. `source` is as in
-    `encode_corpus`. Raises ValueError for a bad `val_fraction` or an empty corpus.
+    to disk (memory stays at a few chunks), then split by copying; the tokenizer is
+    saved beside them, so whoever reads the folder decodes with it. `source` is as in
+    `encode_corpus`. Raises ValueError for a bad `val_fraction`, an empty corpus, or an
+    out_dir whose tokenizer.json is another tokenizer (it is left as it is).
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must lie in [0, 1), e.g. 0.1")
     out_dir = Path(out_dir)
+    saved = out_dir / TOKENIZER
+    if saved.is_file() and BPETokenizer.load(saved).hash != tokenizer.hash:
+        raise ValueError(
+            f"{saved} is another tokenizer, whose token files this would replace; "
+            "choose another --out-dir"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"vocab_size": tokenizer.vocab_size, "tokenizer_hash": tokenizer.hash}
     bar = tqdm(unit="tok", unit_scale=True, disable=None if progress else True)
@@ -349,6 +358,7 @@ def prepare(
         write_tokens(paths[split], blocks, **meta)
     del tokens
     whole.unlink()
+    tokenizer.save(saved)
     return paths
 
 

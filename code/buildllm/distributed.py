@@ -14,7 +14,6 @@ FSDP); Rajbhandari et al. 2020 (arXiv:1910.02054, ZeRO).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import platform
 import subprocess
@@ -29,12 +28,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from buildllm import corpora, data, shards
+from buildllm.data import TOKENIZER
+from buildllm.datasources import (
+    DATA_ALIASES,
+    Log,
+    check_vocab,
+    data_folder,
+    embedded_tokenizer,
+    load_tokenizer,
+    prepare_text,
+    text_files,
+    tokenizer_of,
+)
 from buildllm.tokenizer import BPETokenizer
 
 Strategy = Literal["ddp", "fsdp"]
-TOKENIZER = "tokenizer.json"  # a data folder's (and a run's) tokenizer
-# Other names for --data: the default embedded corpus, and a dataset of shards.DATASETS.
-DATA_ALIASES = {"embedded": "shakespeare", "fineweb-edu": "fineweb-edu-10B"}
 # Dense bf16 tensor-core peaks (vendor data sheets) for MFU; the first name found wins.
 PEAK_FLOPS = {
     "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
@@ -165,44 +173,47 @@ def autocast_for(
 
 
 def load_data(
-    name: str, vocab_size: int
+    name: str, vocab_size: int, tokenizer: str | None = None, log: Log | None = None
 ) -> tuple[np.ndarray | list[Path], np.ndarray, BPETokenizer]:
     """Return (training tokens or shard paths, validation tokens, tokenizer).
 
     `name` is an embedded corpus ("shakespeare", also called "embedded", or "stdlib":
     its training and validation works, each followed by end-of-text, and a BPE
     tokenizer of `vocab_size` trained on the training works; all cached), a folder
-    holding train.bin and val.bin, a folder of shards (`shards.prepare_dataset`), or
-    the name of a dataset in `shards.DATASETS` ("fineweb-edu" for fineweb-edu-10B)
-    prepared into `data.get_cache_dir()/NAME`. A folder's tokenizer is its
-    tokenizer.json, else GPT-2's.
-    Raises FileNotFoundError for missing data, ValueError for a too-large vocabulary.
+    holding train.bin and val.bin, a folder of shards (`shards.prepare_dataset`), the
+    name of a dataset in `shards.DATASETS` ("fineweb-edu" for fineweb-edu-10B)
+    prepared into `data.get_cache_dir()/NAME`, or a text file or folder of .txt files
+    (`datasources.prepare_text`, which `log` tells how it split the text). A folder's
+    tokenizer is its tokenizer.json, else GPT-2's. `tokenizer` (a file, or "gpt2")
+    replaces the embedded corpora's and the text's BPE, and must be a folder's own.
+    Raises FileNotFoundError for missing data, ValueError for a too-small vocabulary
+    or another tokenizer than the data's.
     """
     name = DATA_ALIASES.get(name, name)
+    given = None if tokenizer is None else load_tokenizer(tokenizer)
     if name in corpora.EMBEDDED:
-        tokenizer = embedded_tokenizer(vocab_size, name)
+        found = given or embedded_tokenizer(vocab_size, name)
         splits = []
         for split in ("train", "val"):
-            path = data.get_cache_dir() / f"{name}-{tokenizer.hash[:16]}-{split}.bin"
+            path = data.get_cache_dir() / f"{name}-{found.hash[:16]}-{split}.bin"
             if not path.is_file():
                 docs = corpora.documents(name, split)
-                ids = data.encode_corpus(docs, tokenizer, workers=1)
-                data.write_tokens(path, ids, tokenizer.vocab_size, tokenizer.hash)
+                ids = data.encode_corpus(docs, found, workers=1)
+                data.write_tokens(path, ids, found.vocab_size, found.hash)
             splits.append(data.load_tokens(path))
-        return splits[0], splits[1], tokenizer
-    folder = data.get_cache_dir() / name if name in shards.DATASETS else Path(name)
-    if not folder.is_dir():
-        how = f"prepare it: buildllm data prepare --dataset {name} --out-dir {folder}"
-        if name not in shards.DATASETS:
-            how = f"pass --data {' or '.join(corpora.EMBEDDED)}, or a folder with "
-            how += "train.bin and val.bin"
-        raise FileNotFoundError(f"data folder {folder} does not exist; {how}")
-    tokenizer = _tokenizer_of(folder)
-    if tokenizer.vocab_size > vocab_size:
+        check_vocab(found, vocab_size, name)
+        return splits[0], splits[1], found
+    folder = data_folder(name)
+    if text_files(folder) is not None:
+        folder = prepare_text(folder, vocab_size, given, log)
+    found = tokenizer_of(folder)
+    if given is not None and given.hash != found.hash:
         raise ValueError(
-            f"the data's tokenizer has {tokenizer.vocab_size} tokens but the model "
-            f"only vocab_size={vocab_size}; pick a preset whose vocabulary fits"
+            f"--tokenizer {tokenizer} is not the tokenizer of --data {name} (its "
+            f"{TOKENIZER}, else GPT-2's), so its ids would mean other text; drop "
+            "--tokenizer, or tokenize the text with it (buildllm data prepare)"
         )
+    check_vocab(found, vocab_size, name)
     if (folder / "train.bin").is_file():
         train, val = folder / "train.bin", folder / "val.bin"
     else:
@@ -211,39 +222,14 @@ def load_data(
             shards.find_shards(folder, "val")[0],
         )
     written_with = data.read_header(val)["tokenizer_hash"]
-    if written_with not in (None, tokenizer.hash):
+    if written_with not in (None, found.hash):
         raise ValueError(
             f"{val} was written with another tokenizer than {folder}'s (its "
             "tokenizer.json, else GPT-2's); save the one that wrote it as "
             "tokenizer.json in that folder"
         )
     train = data.load_tokens(train) if isinstance(train, Path) else train
-    return train, data.load_tokens(val), tokenizer
-
-
-def embedded_tokenizer(vocab_size: int, corpus: str = "shakespeare") -> BPETokenizer:
-    """Return the BPE tokenizer trained on an embedded corpus's training works, cached.
-
-    The cache file's name holds a hash of the training text, so a changed corpus
-    trains a new tokenizer.
-    """
-    train = corpora.documents(corpus, "train")
-    digest = hashlib.sha256("\0".join(train).encode("utf-8")).hexdigest()[:12]
-    path = data.get_cache_dir() / f"{corpus}-bpe-{vocab_size}-{digest}.json"
-    if path.is_file():
-        return BPETokenizer.load(path)
-    tokenizer = BPETokenizer.train(train, vocab_size, progress=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(path)  # atomic: a concurrent reader never sees half a file
-    return tokenizer
-
-
-def _tokenizer_of(folder: Path) -> BPETokenizer:
-    if (folder / TOKENIZER).is_file():
-        return BPETokenizer.load(folder / TOKENIZER)
-    from buildllm.tokenizer import gpt2_tokenizer
-
-    return gpt2_tokenizer()
+    return train, data.load_tokens(val), found
 
 
 class BatchSource:

@@ -10,7 +10,7 @@ metrics) serves pretraining and fine-tuning alike.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
@@ -53,7 +53,9 @@ class LMObjective:
     Training batches come from `BatchSource`; validation takes `eval_steps` windows of
     the validation tokens drawn by a generator seeded with `seed` (every world_size-th
     for this process, eval_steps rounded up to a multiple of world_size), and reports
-    the validation loss also in bits per byte. Raises as `load_data` and `BatchSource`.
+    the validation loss also in bits per byte. `tokenizer` and `log` go to `load_data`
+    (a tokenizer file for the data, what happened to a text). Raises as `load_data`
+    and `BatchSource`.
     """
 
     def __init__(
@@ -66,8 +68,12 @@ class LMObjective:
         seed: int,
         impl: Literal["manual", "fast"],
         dist: DistInfo,
+        tokenizer: str | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
-        train_data, self.val_tokens, self.tokenizer = load_data(data, model.vocab_size)
+        train_data, self.val_tokens, self.tokenizer = load_data(
+            data, model.vocab_size, tokenizer, log
+        )
         self.batches = BatchSource(train_data, batch_size, model.context_length,
                                    grad_accum_steps, dist, seed)  # fmt: skip
         self.batch_size, self.context_length = batch_size, model.context_length

@@ -40,6 +40,7 @@ from buildllm.checkpoint import (
 )
 from buildllm.checks import TRAIN_RULES, check_fields
 from buildllm.data import get_cache_dir
+from buildllm.datasources import resolve_model
 from buildllm.distributed import (
     TOKENIZER,
     Strategy,
@@ -83,12 +84,15 @@ class TrainConfig:
     `grad_accum_steps` such micro-batches, shared out over the torchrun processes, make
     one optimizer step, so a step sees batch_size x grad_accum_steps x context_length
     tokens however many processes run. `None` switches `grad_clip`, `sample_tokens` and
-    `peak_flops` off. Raises ValueError for a value outside its range.
+    `peak_flops` off. `model` is a GPTConfig, or None or a dict of GPTConfig fields
+    over the preset's model, resolved by `resolve_model`: its vocab_size, unless given,
+    follows the data's tokenizer. Raises ValueError for a value outside its range.
     """
 
     preset: str = "tiny"  # the model (unless `model` is given) and TRAIN_PRESETS
-    model: GPTConfig | None = None  # None: GPTConfig.from_preset(preset)
-    data: str = "shakespeare"  # an embedded corpus, or a folder of token files
+    model: GPTConfig | dict[str, Any] | None = None  # None or a dict: `resolve_model`
+    data: str = "shakespeare"  # an embedded corpus, token files, or text files
+    tokenizer: str | None = None  # a file or "gpt2"; None: the data's own, or trained
     out_dir: str = "runs/tiny"
     batch_size: int = 32
     grad_accum_steps: int = 1
@@ -119,10 +123,10 @@ class TrainConfig:
             raise ValueError(
                 f"unknown preset {self.preset!r}; use one of {list(PRESETS)}"
             )
-        if self.model is None:  # frozen: resolve the preset's model once
-            object.__setattr__(self, "model", GPTConfig.from_preset(self.preset))
-        elif isinstance(self.model, dict):  # as asdict() wrote it into a checkpoint
-            object.__setattr__(self, "model", GPTConfig(**self.model))
+        if not isinstance(self.model, GPTConfig):  # frozen: resolve the model once
+            fields = self.model or {}  # overrides, or asdict() of a checkpoint's model
+            model = resolve_model(self.preset, self.data, self.tokenizer, **fields)
+            object.__setattr__(self, "model", model)
         check_fields(self, TRAIN_RULES)  # ranges of the numbers, words of the choices
         if self.min_lr > self.max_lr:
             raise ValueError(
@@ -170,8 +174,18 @@ class Trainer:
         self.log = log if self.dist.is_main else None
         self.model_config = c.model
         if objective is None:
-            objective = LMObjective(c.data, c.model, c.batch_size, c.grad_accum_steps,
-                                    c.eval_steps, c.seed, c.impl, self.dist)  # fmt: skip
+            objective = LMObjective(
+                c.data,
+                c.model,
+                c.batch_size,
+                c.grad_accum_steps,
+                c.eval_steps,
+                c.seed,
+                c.impl,
+                self.dist,
+                c.tokenizer,
+                self.say,
+            )
         self.objective = objective
         self.tokenizer = self.objective.tokenizer
         self.tokens_per_step = self.objective.tokens_per_step
