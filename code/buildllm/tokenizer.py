@@ -121,11 +121,12 @@ class BPETokenizer:
     ) -> BPETokenizer:
         """Learn `vocab_size - 256 - len(special_tokens)` merges from `source`.
 
-        `source` is text (`str`), a UTF-8 file (`Path`) or an iterable of them,
-        streamed in chunks counted by `workers` processes (default: all cores). Special
-        tokens are cut out before counting and get the last ids. Raises ValueError for
-        a vocab_size too small or too large for the corpus, and for an empty or
-        non-UTF-8 corpus; TypeError for special_tokens given as one string.
+        `source` is text (`str`: always trained on as text, even when it spells a file
+        name), a UTF-8 file (`pathlib.Path`) or an iterable of them, streamed in chunks
+        counted by `workers` processes (default: all cores). Special tokens are cut out
+        before counting and get the last ids. Raises ValueError for a vocab_size too
+        small or too large for the corpus, and for an empty or non-UTF-8 corpus;
+        TypeError for special_tokens given as one string and for a corpus of bytes.
         """
         pattern = PATTERNS.get(pattern, pattern)
         compile_pattern(pattern)  # before the corpus is read: fail fast
@@ -153,10 +154,12 @@ class BPETokenizer:
         vocab = [bytes([i]) for i in range(256)]
         merges = bpe_merges(word_counts, vocab, n_tokens, progress)
         if len(vocab) < n_tokens:
+            hint = "; a str is text: pass pathlib.Path(...) to train on a file"
             raise ValueError(
                 f"the corpus runs out of pairs to merge after {len(merges)} merges, so "
                 f"vocab_size={vocab_size} cannot be reached; use vocab_size <= "
                 f"{len(vocab) + len(special_tokens)} or a larger corpus"
+                + (hint if isinstance(source, str) else "")
             )
         specials = {token: len(vocab) + k for k, token in enumerate(special_tokens)}
         return cls(vocab, merges, specials, pattern)
