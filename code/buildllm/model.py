@@ -329,7 +329,8 @@ def closed_form_num_params(config: GPTConfig, non_embedding: bool = False) -> in
     """Count GPT's parameters from the config alone (eq-num-params).
 
     With D = d_model, F = d_ff, Dkv = n_kv_heads·head_dim, b = 1 if bias else 0,
-    n = 2 for LayerNorm with bias else 1 (weight only), m = 3 for SwiGLU else 2:
+    n = 2 for LayerNorm with bias else 1 (weight only), m = 3 for SwiGLU else 2::
+
         block = 2D² + 2·D·Dkv + b·(2D + 2Dkv)       attention
               + m·D·F + b·(F·(m - 1) + D)            MLP
               + 2·n·D                                two norms
@@ -360,9 +361,11 @@ def flops_per_token(
 
     A (m×k)·(k×n) matmul costs 2mkn FLOPs; per token that is 2 FLOPs per weight of every
     Linear (eq-flops), plus attention's QKᵀ and AV over `seq_len` keys (default
-    context_length), counted over the full T×T score matrix as the kernels compute it:
+    context_length), counted over the full T×T score matrix as the kernels compute it::
+
         forward = 2·N_mm + [4·L·T·D]
         N_mm = L·(2D² + 2·D·Dkv + m·D·F) + D·V      (the Linear weights, head included)
+
     The backward pass costs twice the forward (gradients for inputs and for weights),
     so training = 3·forward. Norms, softmax, biases and embeddings lookups are left out.
     """
