@@ -281,7 +281,7 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:  # rows start .. start + T - 1, or `positions`
             rows = slice(start, start + T) if positions is None else positions
-            x = x + self.pos_emb.weight[rows]  # (B, T, D), broadcast from (T, D)
+            x = x + self.pos_emb.weight[rows]  # (B, T, D); (T, D) rows broadcast
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, kv_cache, mask, positions)  # (B, T, D)
