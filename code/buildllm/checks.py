@@ -216,7 +216,7 @@ def check_positions(
 
     integer = (torch.long, torch.int32)
     if not isinstance(positions, Tensor) or positions.dtype not in integer:
-        kind = positions.dtype if isinstance(positions, Tensor) else type(positions)
+        kind = getattr(positions, "dtype", type(positions).__name__)
         raise TypeError(
             f"positions must be a torch.long (or int32) tensor, got {kind}; "
             "build them with torch.arange(start, start + T)"
