@@ -1,8 +1,10 @@
 """Checks on the sources of the API reference (book/api/), without building the book.
 
-Every public module of `buildllm` has a page that documents it with `automodule`, and
-the website's table of contents reaches every page; test_book.py then checks, on the
-built site, that each page lists every public class, function and method.
+Every public module of `buildllm` has a page that documents it with `automodule`, the
+website's table of contents reaches every page, and every docstring those pages render
+is valid reStructuredText (docutils is the reference: what it warns about fails the
+book's -W build); test_book.py then checks, on the built site, that each page lists
+every public class, function and method.
 """
 
 from __future__ import annotations
@@ -54,3 +56,37 @@ def test_the_api_reference_part_of_the_toc_reaches_every_api_page():
     assert docs[0] == "book/api/index", "the part opens with book/api/index"
     expected = {f"book/api/{p.stem}" for p in API.glob("*.md")}
     assert set(docs) == expected, sorted(expected ^ set(docs))
+
+
+def test_every_public_docstring_is_valid_restructuredtext(public_api):
+    """What the API pages render, parsed by docutils as autodoc feeds it to Sphinx.
+
+    With `default_role: literal` (as `_config.yml` sets), any warning here (a stray
+    `*`, an unexpected indent, `|name|` read as a substitution) fails the book's -W
+    build; this finds it without building the book.
+    """
+    import importlib
+    import inspect
+    import io
+
+    from docutils.core import publish_doctree
+
+    problems = []
+    for module_name, names in public_api.items():
+        module = importlib.import_module(module_name)
+        for name in ["", *names]:
+            obj = module
+            for attr in filter(None, name.split(".")):
+                obj = inspect.getattr_static(obj, attr)
+            doc = inspect.getdoc(obj.fget if isinstance(obj, property) else obj)
+            if obj is not module and doc == inspect.getdoc(type(obj)):
+                continue  # no docstring of its own: autodoc shows none
+            stream = io.StringIO()
+            publish_doctree(
+                ".. default-role:: literal\n\n" + (doc or ""),
+                settings_overrides={"warning_stream": stream, "report_level": 2},
+            )
+            if stream.getvalue():
+                where = f"{module_name}.{name}".rstrip(".")
+                problems.append(f"{where}: {stream.getvalue().strip()}")
+    assert not problems, "\n".join(problems)
