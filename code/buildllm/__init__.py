@@ -1,7 +1,7 @@
 """buildllm: the GPT that *Build a Large Language Model from Scratch* teaches, line by line.
 
 Each module holds one idea of the book, in the order the chapters teach them, and imports
-only modules to its left: bpe → vocab_io → tokenizer → data → shards → attention → model →
+only modules to its left: bpe → tokenizer → data → shards → attention → model →
 evaluate → optim → profiling → generate → checkpoint → distributed → train → hf →
 hf_tokenizer → cli_data → cli_train → cli_sample → cli, with backprop and
 backprop_model (Appendix A) beside model.

@@ -323,8 +323,8 @@ class MultiHeadAttention(nn.Module):
 
         Shapes: x (B, T, D) -> (B, T, D). With a cache, the T new positions follow the
         kv_cache.length positions already stored and attend to all of them. `mask`
-        (True = may attend, broadcastable to (B, H, T, S)) also hides keys, e.g. padding;
-        `positions` ((T,) or (B, T)) overrides the positions RoPE rotates by.
+        (True = may attend, broadcastable to (B, H, T, S)) also hides keys, such as
+        padding; `positions` ((T,) or (B, T)) overrides the positions RoPE rotates by.
         """
         q, k, v = self.w_qkv(x).split(self.qkv_sizes, dim=-1)  # (B, T, D), (B, T, Dkv)
         q = split_heads(q, self.n_heads)  # (B, H, T, Dh)

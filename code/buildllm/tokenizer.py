@@ -102,9 +102,9 @@ class BPETokenizer:
         unformed = [t for t in self.vocab if len(t) > 1 and t not in self._ranks]
         if unformed:
             raise ValueError(
-                f"{len(unformed)} tokens, e.g. {unformed[0]!r}, are formed by no merge, "
-                "so encoding could never produce them; add the merges that form them "
-                "or make them special tokens"
+                f"{len(unformed)} tokens, e.g. {unformed[0]!r}, are formed by no "
+                "merge, so encoding could never produce them; add the merges that form "
+                "them or make them special tokens"
             )
         self._regex = compile_pattern(pattern)  # one that keeps every character
         self._cache: dict[str, list[int]] = {}
