@@ -135,3 +135,11 @@ def test_a_special_token_listed_in_the_vocab_at_its_id_is_that_token():
     )
     assert tokenizer.vocab_size == 258 and tokenizer.eot_id == 257
     assert tokenizer.encode("ab<|endoftext|>", allowed_special="all") == [256, 257]
+
+
+def test_the_constructor_refuses_merges_that_do_not_fit_its_vocabulary():
+    vocab = [bytes([i]) for i in range(256)]
+    with pytest.raises(ValueError, match=r"merge 0 joins ids \(97, 300\)"):
+        BPETokenizer(vocab, [(97, 300)], {})
+    with pytest.raises(ValueError, match="a merge forms b'ab', which is not in"):
+        BPETokenizer(vocab, [(97, 98)], {})  # no token b"ab" for it to form
