@@ -45,6 +45,48 @@ def gpt2_encoding(gpt2_files):
     )
 
 
+@pytest.fixture(scope="session")
+def public_api() -> dict[str, list[str]]:
+    """{module name: its public classes, functions and methods}, found by inspection.
+
+    Public: no leading underscore, defined in that module (not imported into it).
+    Functions include `functools` wrappers (`lru_cache`); methods include properties,
+    classmethods and staticmethods. What the API reference pages must list.
+    """
+    import functools
+    import importlib
+    import inspect
+    import pkgutil
+
+    import buildllm
+
+    kinds = (classmethod, staticmethod, property, functools.cached_property)
+    api = {}
+    for info in pkgutil.iter_modules(buildllm.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"buildllm.{info.name}")
+        names = []
+        for name, obj in vars(module).items():
+            if (
+                name.startswith("_")
+                or getattr(obj, "__module__", "") != module.__name__
+            ):
+                continue
+            if inspect.isclass(obj):
+                names.append(name)
+                names += [
+                    f"{name}.{attr}"
+                    for attr, member in vars(obj).items()
+                    if not attr.startswith("_")
+                    and (inspect.isfunction(member) or isinstance(member, kinds))
+                ]
+            elif callable(obj):  # a function, or one wrapped by functools
+                names.append(name)
+        api[module.__name__] = names
+    return api
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     """A CPU generator seeded with 0."""

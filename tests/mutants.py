@@ -98,6 +98,20 @@ MUTANTS = [
            "if k_all.dtype != k.dtype:", "if False:",
            (("tests/test_attention.py::test_a_float32_kv_cache_returns_keys_and_values_"
             "in_the_dtype_of_the_new_ones"),)),
+    Mutant("restore leaves torch's rebuilt param_groups (betas a list)", CKPT,
+           "zip(optimizer.param_groups, saved_groups, strict=True)", "zip([], [])",
+           (("tests/test_train.py::test_restore_gives_back_the_saved_param_groups_"
+            "exactly_types_included"),)),
+    Mutant("a query a mask leaves no key gets NaN on the manual path", "attention.py",
+           "attn_weights = attn_weights.masked_fill(~allowed, 0.0)", "pass",
+           (("tests/test_attention.py::test_any_boolean_mask_gives_sdpa_with_the_same_"
+            "mask_on_both_paths"),)),
+    Mutant("encode ranks a merge by the id it forms, not its position", "tokenizer.py",
+           "self._ranks = merge_ranks(self.vocab, self.merges)",
+           "self._ranks = {t: self._ids.get(t, -1) for t in merge_ranks(self.vocab, "
+           "self.merges)}",
+           (("tests/test_vocab_io.py::test_ids_in_another_order_than_the_merges_encode_"
+            "as_the_original"),)),
     Mutant("a whole .part file is fetched forever (HTTP 416)", "data.py",
            "if err.code == 416:", "if False:",
            (("tests/test_cli.py::test_data_download_caches_a_corpus_and_keeps_a_part_"

@@ -80,6 +80,50 @@ def test_attention_with_a_padding_mask_matches_sdpa_given_the_same_combined_mask
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("H, Hkv, T, S", [(4, 4, 7, 7), (4, 2, 3, 9), (4, 4, 1, 6)])
+def test_any_boolean_mask_gives_sdpa_with_the_same_mask_on_both_paths(H, Hkv, T, S):
+    """A random pattern per head, with some queries left no key (SDPA gives them 0)."""
+    q, k, v = _qkv(H=H, Hkv=Hkv, T=T, S=S)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, H, T, S, generator=g) < 0.6  # (B, H, T, S), True = attend
+    mask[0, 1, -1] = False  # one query with no key at all
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T) & mask
+    k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    y_ref = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=allowed)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (q, k, v))
+    outputs = {}
+    for impl in ("manual", "fast"):
+        y = outputs[impl] = attention(q, k, v, impl=impl, mask=mask)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(y.square().sum(), (q, k, v))
+        for grad, grad_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["manual"], outputs["fast"], rtol=1e-5, atol=1e-6)
+    assert torch.all(outputs["manual"][0, 1, -1] == 0)
+
+
+@pytest.mark.parametrize("impl", ["manual", "fast"])
+def test_mha_with_a_mask_and_cache_in_chunks_matches_one_masked_full_pass(impl):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, 16, n_kv_heads=2, rope=RoPE(8, 16), impl=impl)
+    x = torch.randn(2, 9, 32)
+    mask = torch.rand(2, 1, 9, 9) < 0.7  # (B, 1, T, S): the same pattern every head
+    full = mha(x, mask=mask)
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril() & mask
+    x_ref = mha.w_qkv(x).split(mha.qkv_sizes, dim=-1)
+    q, k, v = (split_heads(t, h) for t, h in zip(x_ref, (4, 2, 2), strict=True))
+    q, k = mha.rope(q), mha.rope(k)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    y_ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(full, mha.w_o(merge_heads(y_ref)), rtol=1e-5, atol=1e-5)
+    cache = KVCache(1, 2, n_kv_heads=2, head_dim=8, max_len=16)
+    outs = []
+    for a, b in [(0, 4), (4, 5), (5, 9)]:  # prefill, one step, a chunk (T < S)
+        outs.append(mha(x[:, a:b], cache, mask=mask[:, :, a:b, :b]))
+        cache.advance(b - a)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_padding_mask_marks_the_first_lengths_keys_of_each_sequence():
     expected = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
     mask = padding_mask(torch.tensor([3, 1]), 4)
@@ -186,6 +230,44 @@ def test_rope_half_pairing_matches_hugging_face_llama(start):
     position_ids = torch.arange(start, start + 6)[None].expand(2, -1)
     expected = _hf_rope(x, position_ids, rope_base=500.0)
     torch.testing.assert_close(rope(x, start), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_with_per_row_positions_matches_hugging_face_llama_position_ids():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 6, 16)
+    rope = RoPE(head_dim=16, context_length=32, rope_base=500.0)
+    positions = torch.stack([torch.arange(s, s + 6) for s in (0, 4, 9)])  # (B, T)
+    positions[1, :2] = 0  # left padding: the pads repeat position 0
+    expected = _hf_rope(x, positions, rope_base=500.0)
+    torch.testing.assert_close(
+        rope(x, positions=positions), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+@pytest.mark.parametrize("start", [0, 7])
+def test_rope_with_explicit_arange_positions_equals_the_start_offset(pairing, start):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8)
+    rope = RoPE(head_dim=8, context_length=16, pairing=pairing)
+    expected = rope(x, start)
+    positions = torch.arange(start, start + 5)
+    torch.testing.assert_close(rope(x, positions=positions), expected, rtol=0, atol=0)
+    per_row = positions.expand(2, -1)  # (B, T)
+    torch.testing.assert_close(rope(x, positions=per_row), expected, rtol=0, atol=0)
+
+
+def test_rope_rejects_positions_of_the_wrong_kind_shape_or_range():
+    rope = RoPE(head_dim=4, context_length=6)
+    x = torch.randn(2, 1, 3, 4)
+    with pytest.raises(TypeError, match="torch.long"):
+        rope(x, positions=torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"shape \(3,\) or \(2, 3\)"):
+        rope(x, positions=torch.arange(4))
+    with pytest.raises(ValueError, match=r"\[-1\] are outside 0..5"):
+        rope(x, positions=torch.tensor([-1, 0, 1]))  # would wrap to the last row
+    with pytest.raises(ValueError, match=r"\[6\] are outside 0..5"):
+        rope(x, positions=torch.tensor([[0, 1, 2], [4, 5, 6]]))
 
 
 def test_rope_interleaved_rotates_adjacent_pairs_by_hand_computed_angles():

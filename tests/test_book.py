@@ -20,9 +20,12 @@ pytestmark = pytest.mark.book
 
 
 def toc_files() -> list[str]:
+    """The pages of `_toc.yml` that the PDF prints: all but the API reference part."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [toc["root"]]
     for part in toc.get("parts", []):
+        if part.get("caption") == "API reference":  # website only
+            continue
         files += [c["file"] for c in part.get("chapters", [])]
     files += [c["file"] for c in toc.get("chapters", [])]
     return files
@@ -55,6 +58,11 @@ def test_pdf_has_every_chapter_title(pdf_text):
         assert words in pdf_text.replace("\n", " "), (
             f"chapter {doc!r} ({title!r}) is not in the PDF"
         )
+
+
+def test_pdf_leaves_out_the_api_reference(pdf):
+    titles = [item.title for item in pdf.outline if not isinstance(item, list)]
+    assert not [t for t in titles if "buildllm." in t or "API reference" in t], titles
 
 
 def test_pdf_fonts_are_embedded(pdf):
@@ -126,3 +134,17 @@ def test_website_exists_links_the_pdf_and_works_offline():
         "MathJax is not vendored"
     )
     assert (HTML / "searchindex.js").exists(), "the search index is missing"
+
+
+def test_api_reference_lists_every_public_class_function_and_method(public_api):
+    """Each module's page holds an entry (its anchor id) for every public object."""
+    index = HTML / "book" / "api" / "index.html"
+    assert index.exists(), f"{index} is missing: run `make pdf` first"
+    missing = []
+    for module, names in public_api.items():
+        page = HTML / "book" / "api" / f"{module.removeprefix('buildllm.')}.html"
+        html = page.read_text() if page.exists() else ""
+        missing += [f"{module}.{n}" for n in names if f'id="{module}.{n}"' not in html]
+        if f'href="{page.name}"' not in index.read_text():
+            missing.append(f"{module} (no link from the API reference index)")
+    assert not missing, f"not in the API reference: {missing}"

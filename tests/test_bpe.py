@@ -19,12 +19,8 @@ from hypothesis import strategies as st
 
 from buildllm import bpe
 from buildllm.corpora import default_corpus
-from buildllm.tokenizer import (
-    GPT2_PATTERN,
-    GPT4_PATTERN,
-    BPETokenizer,
-    bytes_to_unicode,
-)
+from buildllm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer
+from buildllm.vocab_io import bytes_to_unicode
 
 
 def naive_bpe(words: Counter, n_merges: int) -> list[tuple[bytes, bytes]]:

@@ -497,14 +497,23 @@ def test_a_bad_argument_to_the_api_raises_naming_the_rule(call, kind, words):
     assert "\n" not in str(info.value)
 
 
-def test_training_on_a_string_that_names_a_file_refuses_and_a_path_trains(world):
+def test_training_takes_a_string_as_text_even_if_it_names_a_file_and_a_path_as_file(
+    world,
+):
     from buildllm.tokenizer import BPETokenizer
 
-    with pytest.raises(TypeError, match=r"pathlib\.Path"):
-        BPETokenizer.train(str(world["file"]), 260, progress=False)
+    name = str(world["file"])  # an existing file: still the text of its name
+    from_name = BPETokenizer.train(name, 259, progress=False)
+    assert all(token.decode() in name for token in from_name.vocab[256:])
     from_path = BPETokenizer.train(world["file"], 260, progress=False)
     from_text = BPETokenizer.train(world["file"].read_text(), 260, progress=False)
     assert from_path.hash == from_text.hash
+    with pytest.raises(ValueError, match=r"a str is text: pass pathlib\.Path"):
+        BPETokenizer.train(name, 1000, progress=False)  # too little text in a name
+    with pytest.raises(TypeError, match=r"got bytes; decode bytes to str"):
+        BPETokenizer.train(world["file"].read_bytes(), 260, progress=False)
+    with pytest.raises(TypeError, match=r"got int"):
+        BPETokenizer.train(["text", 3], 260, progress=False)
 
 
 def test_a_checkpoint_with_damaged_metadata_is_named_in_the_error(tmp_path, world):

@@ -252,6 +252,47 @@ def test_padded_batch_with_a_mask_gives_each_sequences_unpadded_logits(variant):
             )
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+def test_logits_with_explicit_positions_equal_those_with_the_offset(variant):
+    model = _model(variant)
+    idx = _ids(model, B=2, T=12)
+    with torch.no_grad():
+        full = model(idx)
+        torch.testing.assert_close(model(idx, positions=torch.arange(12)), full)
+        cache = model.new_kv_cache(batch_size=2)
+        pieces = []
+        for a, b in [(0, 5), (5, 9), (9, 10), (10, 12)]:
+            positions = torch.arange(a, b).expand(2, -1)  # (B, T): the cache offset
+            pieces.append(model(idx[:, a:b], cache, positions=positions))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+@pytest.mark.parametrize("impl", ["manual", "fast"])
+def test_left_padded_batch_with_positions_and_mask_gives_the_unpadded_logits(
+    variant, impl
+):
+    """Left padding: pads hidden by the mask, each row's positions count from 0."""
+    model = _model(variant, attn_impl=impl)
+    lengths = [12, 9, 4]
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (n,), generator=g) for n in lengths]
+    idx = torch.zeros(3, 12, dtype=torch.long)  # padding id 0 on the left
+    for b, s in enumerate(seqs):
+        idx[b, 12 - len(s) :] = s
+    pads = 12 - torch.tensor(lengths)  # (B,)
+    mask = (torch.arange(12) >= pads[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    positions = (torch.arange(12) - pads[:, None]).clamp(min=0)  # (B, T)
+    with torch.no_grad():
+        padded = model(idx, mask=mask, positions=positions)
+        assert not padded.isnan().any()  # pad queries attend nothing: zeros, not NaN
+        for b, s in enumerate(seqs):
+            alone = model(s[None])  # (1, n, V)
+            torch.testing.assert_close(
+                padded[b : b + 1, 12 - len(s) :], alone, rtol=1e-5, atol=1e-5
+            )
+
+
 def test_fast_and_manual_models_agree_in_forward_and_backward():
     manual, fast = _model("modern", attn_impl="manual"), _model("modern")
     fast.load_state_dict(manual.state_dict())
@@ -272,6 +313,8 @@ def test_bad_token_ids_and_too_long_inputs_raise_clear_errors():
         model(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="context_length=24"):
         model(torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside 0..23"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([23, 24]))
     cache = model.new_kv_cache(1)
     model(torch.zeros(1, 20, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="after 20 cached positions"):

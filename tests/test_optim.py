@@ -70,6 +70,25 @@ def test_cross_entropy_ignores_targets_equal_to_ignore_index(impl):
     assert torch.all(grad[ignored] == 0)
 
 
+@pytest.mark.parametrize("impl", ["manual", "fast"])
+def test_cross_entropy_takes_flat_logits_and_targets_as_torch_does(impl):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 7, generator=gen) * 30).requires_grad_()  # (N, V)
+    targets = torch.randint(0, 7, (9,), generator=gen)
+    targets[[1, 4]] = -100  # ignored, as in F.cross_entropy
+
+    loss = cross_entropy(logits, targets, impl=impl)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref_logits = logits.detach().requires_grad_()
+    ref = F.cross_entropy(ref_logits, targets, ignore_index=-100)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="without the last"):
+        cross_entropy(logits, targets[:-1], impl=impl)
+
+
 def test_cross_entropy_of_uniform_logits_is_log_vocab_size():
     logits = torch.zeros(3, 4, 50)
     targets = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(0))

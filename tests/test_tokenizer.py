@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from buildllm.corpora import default_corpus
-from buildllm.tokenizer import BPETokenizer, bytes_to_unicode, gpt2_tokenizer
+from buildllm.tokenizer import BPETokenizer, gpt2_tokenizer
+from buildllm.vocab_io import bytes_to_unicode
 
 VARIED = [
     "Hello world! The quick brown fox jumps over the lazy dog.",

@@ -186,6 +186,51 @@ def test_resume_refuses_other_settings_and_another_model(tmp_path):
         )
 
 
+def typed(value: object) -> object:
+    """`value` with the type of every nested value spelled out: 1 and 1.0 differ."""
+    if isinstance(value, dict):
+        return {key: typed(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value), [typed(v) for v in value]
+    return type(value), value
+
+
+@pytest.mark.parametrize("impl", ["manual", "fast"])
+def test_restore_gives_back_the_saved_param_groups_exactly_types_included(
+    tmp_path, impl
+):
+    from buildllm.checkpoint import restore_checkpoint, save_checkpoint
+    from buildllm.model import GPT
+    from buildllm.optim import make_optimizer
+
+    config = GPTConfig.from_preset("tiny", n_layers=1, vocab_size=64, d_model=32)
+    model = GPT(config)
+    optimizer = make_optimizer(model, lr=3e-3, betas=(0.9, 0.95), impl=impl)
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(idx).square().mean().backward()
+    optimizer.step()
+    optimizer.param_groups[0]["lr"] = 1.25e-3  # as the schedule leaves it
+    saved = [
+        typed({k: v for k, v in group.items() if k != "params"})
+        for group in optimizer.param_groups
+    ]
+    saved_moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, config, {})
+
+    fresh = GPT(config)
+    fresh_optimizer = make_optimizer(fresh, lr=1.0, betas=(0.5, 0.5), impl=impl)
+    restore_checkpoint(folder, fresh, fresh_optimizer, config)
+
+    restored = [
+        typed({k: v for k, v in group.items() if k != "params"})
+        for group in fresh_optimizer.param_groups
+    ]
+    assert restored == saved
+    assert fresh_optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    for p, moment in zip(fresh.parameters(), saved_moments, strict=True):
+        torch.testing.assert_close(fresh_optimizer.state[p]["exp_avg"], moment)
+
+
 def test_corrupt_checkpoint_files_fail_with_a_clear_error(tmp_path):
     Trainer(replace(SMALL, out_dir=str(tmp_path), max_steps=2), progress=False).fit()
     folder = latest_checkpoint(tmp_path)

@@ -36,10 +36,15 @@ FONT_CSS = [
     "@fontsource/iosevka/400.css",
     "@fontsource/iosevka/700.css",
 ]
+WEB_ONLY = {"API reference"}  # parts of _toc.yml the PDF leaves out
 
 
 def toc_docs(toc_file: Path) -> list[tuple[str, str]]:
-    """Return (docname, part) for every page in `_toc.yml`, in reading order."""
+    """Return (docname, part) for every printed page in `_toc.yml`, in reading order.
+
+    The parts in `WEB_ONLY` (the API reference, generated from the docstrings) stay on
+    the website: a printed book teaches the code, the site looks it up.
+    """
     toc = yaml.safe_load(toc_file.read_text())
     docs = [(toc["root"], "front")]
 
@@ -50,6 +55,8 @@ def toc_docs(toc_file: Path) -> list[tuple[str, str]]:
             walk(entry.get("sections", []), part)
 
     for part in toc.get("parts", []):
+        if part.get("caption") in WEB_ONLY:
+            continue
         caption = part.get("caption", "").lower()
         kind = (
             "appendix"

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from buildllm.checks import check_positions
+
 Impl = Literal["manual", "fast"]
 Pairing = Literal["half", "interleaved"]
 
@@ -39,9 +41,10 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tenso
 
     Row `i` holds how much query `i` takes from each key; masked keys get exactly 0.
     An extra boolean `mask` (True = may attend, e.g. `padding_mask`) is combined with
-    the causal mask: a key must be allowed by both.
+    the causal mask: a key must be allowed by both. A query it leaves no key at all
+    gets a row of zeros, as SDPA gives, instead of the softmax's NaN.
     Shapes: q (B, H, T, Dh), k (B, H, S, Dh), mask broadcastable to (B, H, T, S)
-    -> (B, H, T, S), rows summing to 1.
+    -> (B, H, T, S), rows summing to 1 (or 0).
     """
     T, S, Dh = q.shape[-2], k.shape[-2], q.shape[-1]
     scores = q @ k.transpose(-2, -1) / math.sqrt(Dh)  # (B, H, T, S)
@@ -49,7 +52,10 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tenso
     if mask is not None:
         allowed = allowed & mask  # (B or 1, H or 1, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))  # (B, H, T, S)
-    return torch.softmax(scores, dim=-1)  # (B, H, T, S)
+    attn_weights = torch.softmax(scores, dim=-1)  # (B, H, T, S)
+    if mask is not None:  # a row of -inf only: NaN -> 0 (e.g. a left-padding query)
+        attn_weights = attn_weights.masked_fill(~allowed, 0.0)
+    return attn_weights
 
 
 def attention(
@@ -67,8 +73,8 @@ def attention(
     With fewer key/value heads than query heads (GQA) each K/V head serves `H // Hkv`
     query heads. The T queries are the last T of the S keys (a KV cache holds S - T).
     An optional boolean `mask` (True = may attend, as SDPA's) is combined with the
-    causal mask, e.g. `padding_mask` to hide padding keys; every query must keep at
-    least one key, so pad on the right.
+    causal mask, e.g. `padding_mask` to hide padding keys; a query left with no key
+    (left padding) outputs zeros on both paths.
 
     Shapes: q (B, H, T, Dh), k and v (B, Hkv, S, Dh), mask broadcastable to
     (B, H, T, S) -> (B, H, T, Dh).
@@ -176,20 +182,29 @@ class RoPE(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor, start: int = 0) -> Tensor:
-        """Rotate the features of positions `start .. start + T - 1`.
+    def forward(
+        self, x: Tensor, start: int = 0, positions: Tensor | None = None
+    ) -> Tensor:
+        """Rotate the features of positions `start .. start + T - 1`, or of `positions`.
 
+        `positions` (integer, (T,) or (B, T)) names each token's position instead, e.g.
+        for a left-padded batch whose rows start at different positions.
         Shapes: x (B, H, T, Dh) -> (B, H, T, Dh).
-        Raises ValueError if the positions run past context_length.
+        Raises ValueError if a position is negative or runs past context_length.
         """
-        T = x.shape[-2]
-        if start + T > self.context_length:
+        B, T = x.shape[0], x.shape[-2]
+        if positions is None and start + T > self.context_length:
             raise ValueError(
                 f"RoPE asked for positions {start}..{start + T - 1} but its tables "
                 f"stop at context_length={self.context_length}; build a longer context"
             )
-        cos = self.cos[start : start + T].to(x.dtype)  # (T, Dh/2)
-        sin = self.sin[start : start + T].to(x.dtype)  # (T, Dh/2)
+        if positions is not None:
+            check_positions(positions, B, T, self.context_length)
+        rows = slice(start, start + T) if positions is None else positions
+        cos = self.cos[rows].to(x.dtype)  # (T, Dh/2) or, per batch row, (B, T, Dh/2)
+        sin = self.sin[rows].to(x.dtype)  # (T, Dh/2) or (B, T, Dh/2)
+        if cos.dim() == 3:  # one set of positions per row: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh/2)
         if self.pairing == "half":
             x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
             return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -298,24 +313,26 @@ class MultiHeadAttention(nn.Module):
         self.rope = rope
 
     def forward(
-        self, x: Tensor, kv_cache: KVCache | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        kv_cache: KVCache | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Let every position gather information from itself and earlier positions.
 
         Shapes: x (B, T, D) -> (B, T, D). With a cache, the T new positions follow the
         kv_cache.length positions already stored and attend to all of them. `mask`
-        (True = may attend, broadcastable to (B, H, T, S)) also hides keys, e.g. padding.
+        (True = may attend, broadcastable to (B, H, T, S)) also hides keys, such as
+        padding; `positions` ((T,) or (B, T)) overrides the positions RoPE rotates by.
         """
         q, k, v = self.w_qkv(x).split(self.qkv_sizes, dim=-1)  # (B, T, D), (B, T, Dkv)
         q = split_heads(q, self.n_heads)  # (B, H, T, Dh)
         k = split_heads(k, self.n_kv_heads)  # (B, Hkv, T, Dh)
         v = split_heads(v, self.n_kv_heads)  # (B, Hkv, T, Dh)
         start = 0 if kv_cache is None else kv_cache.length
-        if self.rope is not None:
-            q, k = (
-                self.rope(q, start),
-                self.rope(k, start),
-            )  # positions start..start+T-1
+        if self.rope is not None:  # positions start..start+T-1, or `positions`
+            q, k = self.rope(q, start, positions), self.rope(k, start, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh), S = start+T
         p = self.dropout if self.training else 0.0

@@ -65,20 +65,23 @@ def iter_chunks(
 ) -> Iterator[str]:
     """Yield the text of `source` in chunks that pre-tokenize independently.
 
-    `source` is a text (`str`), a UTF-8 file (`Path`), or an iterable of them; each is a
-    separate document, read in blocks and never whole. Raises FileNotFoundError for a
-    missing file and ValueError for one that is not valid UTF-8.
+    `source` is a text (`str`, always the text itself, never read as a file name), a
+    UTF-8 file (`pathlib.Path` or another `os.PathLike`), or an iterable of them; each
+    is a separate document, files read in blocks and never whole. Raises TypeError for
+    anything else (bytes, numbers), FileNotFoundError for a missing file and
+    ValueError for one that is not valid UTF-8.
     """
-    items = [source] if isinstance(source, (str, Path)) else source
+    items = [source] if isinstance(source, (str, bytes, os.PathLike)) else source
     for item in items:
-        if isinstance(item, str) and _names_a_file(item):
-            raise TypeError(
-                f"the text {item!r} is the path of a file, and a str is trained on as "
-                f"text; pass pathlib.Path({item!r}) to read the file"
-            )
         if isinstance(item, str):
             yield from rechunk([item], chunk_chars)
             continue
+        if not isinstance(item, os.PathLike):
+            raise TypeError(
+                f"a corpus is text (str) or files (pathlib.Path), got "
+                f"{type(item).__name__}; decode bytes to str, or wrap a file name in "
+                "pathlib.Path"
+            )
         path = check_file(item, "corpus file")
         with path.open(encoding="utf-8", newline="") as file:
             blocks = iter(functools.partial(file.read, chunk_chars), "")
@@ -89,11 +92,6 @@ def iter_chunks(
                     f"{path} is not UTF-8 text ({err.reason} at byte {err.start} of a "
                     "block); convert it with `iconv -t UTF-8` or drop the file"
                 ) from None
-
-
-def _names_a_file(text: str) -> bool:
-    """True if `text` is short, one line and the path of an existing file."""
-    return len(text) < 4096 and "\n" not in text and os.path.isfile(text)
 
 
 def compile_pattern(pattern: str) -> regex.Pattern:

@@ -71,7 +71,7 @@ def render_chat(
 
     `mask[i]` is True for the ids of assistant contents and their turn ends, the tokens
     a fine-tuned model must produce. Contents are encoded as plain text: a user who
-    types "<|assistant|>" gets the ids of those characters, not the role token. With
+    types `<|assistant|>` gets the ids of those characters, not the role token. With
     `add_generation_prompt` the ids end with `<|assistant|>`, where the model answers.
     Raises ValueError if the tokenizer lacks the chat tokens (see `add_chat_tokens`).
     """

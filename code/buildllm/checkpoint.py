@@ -206,10 +206,11 @@ def restore_checkpoint(
     """Load a checkpoint's weights and optimizer state into `model` and `optimizer`.
 
     Works for a plain, DDP-unwrapped or FSDP-sharded model (each process reads the
-    files). Returns the training state (step, RNG states, configs). Raises as
-    `load_checkpoint`.
+    files). The optimizer's param_groups come back exactly as saved, types included.
+    Returns the training state (step, RNG states, configs). Raises as `load_checkpoint`.
     """
     model_state, state = load_checkpoint(folder, config)
+    saved_groups = state["optimizer"]["param_groups"]
     set_state_dict(
         model,
         optimizer,
@@ -217,6 +218,12 @@ def restore_checkpoint(
         optim_state_dict=state["optimizer"],
         options=StateDictOptions(full_state_dict=True),
     )
+    # set_state_dict flattens the state to share out its tensors and rebuilds every
+    # nested value as a list (betas (0.9, 0.95) -> [0.9, 0.95]); the hyperparameters
+    # are plain values each process read whole, so set them as saved. Groups match by
+    # position, as set_state_dict matches them.
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
+        group.update({key: value for key, value in saved.items() if key != "params"})
     return state
 
 

@@ -8,7 +8,8 @@ with `check_fields` in `__post_init__`, and the command line builds each flag's 
 `type` from the same `Range`, so a bad value is refused where it is typed, with the
 range in the message, and never reaches a training run. NaN and
 infinities are outside every range: a NaN compares false with everything and would slip
-through a hand-written `x < 0` test. `check_token_ids` is the same for a model's input.
+through a hand-written `x < 0` test. `check_token_ids` and `check_positions` do the
+same for a model's input.
 """
 
 from __future__ import annotations
@@ -198,6 +199,39 @@ def check_token_ids(idx: Tensor, config: GPTConfig, start: int = 0) -> None:
         raise ValueError(
             f"token ids {bad} are outside the model's vocabulary 0..{V - 1}; encode "
             f"with the tokenizer the model was trained with (vocab_size={V})"
+        )
+
+
+def check_positions(
+    positions: Tensor, batch_size: int, T: int, context_length: int
+) -> None:
+    """Raise TypeError or ValueError unless `positions` can place T tokens of B rows.
+
+    Explicit positions are integers of shape (T,) (all rows alike) or (B, T), each in
+    0..context_length-1: a negative one would silently index the tables from the end.
+    The range test is skipped while torch.compile traces the model.
+    """
+    import torch
+    from torch import Tensor
+
+    integer = (torch.long, torch.int32)
+    if not isinstance(positions, Tensor) or positions.dtype not in integer:
+        kind = getattr(positions, "dtype", type(positions).__name__)
+        raise TypeError(
+            f"positions must be a torch.long (or int32) tensor, got {kind}; "
+            "build them with torch.arange(start, start + T)"
+        )
+    if tuple(positions.shape) not in ((T,), (batch_size, T)):
+        raise ValueError(
+            f"positions have shape {tuple(positions.shape)} but the input has "
+            f"{batch_size} rows of {T} tokens; pass shape ({T},) or ({batch_size}, {T})"
+        )
+    out = (positions < 0) | (positions >= context_length)
+    if not torch.compiler.is_compiling() and bool(out.any()):
+        raise ValueError(
+            f"positions {positions[out][:3].tolist()} are outside 0.."
+            f"{context_length - 1}; positions count from 0 and stay below "
+            f"context_length={context_length}"
         )
 
 

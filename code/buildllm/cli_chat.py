@@ -4,7 +4,7 @@ Part of the command line (`cli.py` registers these parsers). `finetune sft` turn
 pretrained run into a chat model (chat tokens, a grown embedding, SFT on the
 instruction tasks or on an Alpaca/chat JSONL file or URL); `finetune dpo` tunes such a
 model on preference pairs of the tasks; `chat` talks to it in the terminal, streaming,
-or answers `--message`s and stdin lines for scripts.
+or answers each `--message` and stdin line for scripts.
 """
 
 from __future__ import annotations

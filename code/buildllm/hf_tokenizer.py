@@ -13,20 +13,15 @@ import json
 import os
 from pathlib import Path
 
-from buildllm.tokenizer import (
-    ENDOFTEXT,
-    GPT2_PATTERN,
-    BPETokenizer,
-    bytes_to_unicode,
-    gpt2_tokenizer,
-)
+from buildllm.tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, gpt2_tokenizer
+from buildllm.vocab_io import bytes_to_unicode
 
 
 def export_tokenizer_hf(tokenizer: BPETokenizer, folder: str | os.PathLike) -> Path:
     """Write `tokenizer` as the files `transformers.AutoTokenizer` loads; return folder.
 
     `vocab.json` and `merges.txt` are GPT-2's formats, bytes spelled by
-    `bytes_to_unicode` and merges ordered by the id of the token they form (the rank
+    `bytes_to_unicode` and merges ordered by the rank of the token they form (the rank
     `encode` uses), so GPT-2's own vocabulary writes back GPT-2's files. `tokenizer.json`
     adds the pre-tokenization regex (any pattern, not only GPT-2's) for the `tokenizers`
     library; `tokenizer_config.json` names `<|endoftext|>` as bos/eos/unk when present.
@@ -34,7 +29,10 @@ def export_tokenizer_hf(tokenizer: BPETokenizer, folder: str | os.PathLike) -> P
     spell = bytes_to_unicode()
     text = ["".join(spell[b] for b in token) for token in tokenizer.vocab]
     vocab = {t: i for i, t in enumerate(text)} | tokenizer.special_tokens
-    merges = sorted(tokenizer.merges, key=lambda ab: vocab[text[ab[0]] + text[ab[1]]])
+    formed = {
+        (a, b): tokenizer.vocab[a] + tokenizer.vocab[b] for a, b in tokenizer.merges
+    }
+    merges = sorted(tokenizer.merges, key=lambda ab: tokenizer.merge_rank(formed[ab]))
     pairs = [[text[a], text[b]] for a, b in merges]
     specials = [
         {"id": i, "content": s, "single_word": False, "lstrip": False,

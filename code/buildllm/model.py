@@ -27,7 +27,12 @@ from buildllm.attention import (
     RoPE,
     make_dropout,
 )
-from buildllm.checks import MODEL_RULES, check_fields, check_token_ids
+from buildllm.checks import (
+    MODEL_RULES,
+    check_fields,
+    check_positions,
+    check_token_ids,
+)
 
 # SwiGLU's hidden width 8d/3 rounded up to a multiple of 64, which GPU matmuls like.
 SWIGLU_MULTIPLE = 64
@@ -198,10 +203,14 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(c.d_model, c.d_ff, c.mlp, c.bias, c.dropout)
 
     def forward(
-        self, x: Tensor, kv_cache: KVCache | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        kv_cache: KVCache | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        """Shapes: x (B, T, D) -> (B, T, D); mask as in `MultiHeadAttention.forward`."""
-        x = x + self.attn(self.norm1(x), kv_cache, mask)  # residual around attention
+        """Shapes: x (B, T, D) -> (B, T, D); the rest as in `MultiHeadAttention`."""
+        x = x + self.attn(self.norm1(x), kv_cache, mask, positions)  # residual
         return x + self.mlp(self.norm2(x))  # residual around the MLP
 
 
@@ -248,25 +257,34 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
-        self, idx: Tensor, kv_cache: KVCache | None = None, mask: Tensor | None = None
+        self,
+        idx: Tensor,
+        kv_cache: KVCache | None = None,
+        mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Return next-token logits at every position of `idx`.
 
         `mask` (bool, True = may attend, broadcastable to (B, H, T, S); e.g.
         `attention.padding_mask`) hides keys on top of the causal mask in every block.
+        `positions` (integer, (T,) or (B, T)) gives each token's position instead of
+        start .. start + T - 1, e.g. for a left-padded batch.
         Shapes: idx (B, T) integer -> logits (B, T, V).
-        Raises TypeError for non-integer ids, ValueError for a bad shape or when the
-        positions (after the cache's) run past context_length.
+        Raises TypeError for non-integer ids or positions, ValueError for a bad shape or
+        when the positions (after the cache's) run past context_length.
         """
         start = 0 if kv_cache is None else kv_cache.length
         check_token_ids(idx, self.config, start)
-        T = idx.shape[1]
+        B, T = idx.shape
+        if positions is not None:
+            check_positions(positions, B, T, self.config.context_length)
         x = self.tok_emb(idx)  # (B, T, D)
-        if self.pos_emb is not None:  # rows start .. start + T - 1 of the table
-            x = x + self.pos_emb.weight[start : start + T]  # (B, T, D), broadcast
+        if self.pos_emb is not None:  # rows start .. start + T - 1, or `positions`
+            rows = slice(start, start + T) if positions is None else positions
+            x = x + self.pos_emb.weight[rows]  # (B, T, D); (T, D) rows broadcast
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, kv_cache, mask)  # (B, T, D)
+            x = block(x, kv_cache, mask, positions)  # (B, T, D)
         if kv_cache is not None:
             kv_cache.advance(T)  # every layer has stored the T new positions
         return self.lm_head(self.final_norm(x))  # (B, T, V)
@@ -311,7 +329,8 @@ def closed_form_num_params(config: GPTConfig, non_embedding: bool = False) -> in
     """Count GPT's parameters from the config alone (eq-num-params).
 
     With D = d_model, F = d_ff, Dkv = n_kv_heads·head_dim, b = 1 if bias else 0,
-    n = 2 for LayerNorm with bias else 1 (weight only), m = 3 for SwiGLU else 2:
+    n = 2 for LayerNorm with bias else 1 (weight only), m = 3 for SwiGLU else 2::
+
         block = 2D² + 2·D·Dkv + b·(2D + 2Dkv)       attention
               + m·D·F + b·(F·(m - 1) + D)            MLP
               + 2·n·D                                two norms
@@ -342,9 +361,11 @@ def flops_per_token(
 
     A (m×k)·(k×n) matmul costs 2mkn FLOPs; per token that is 2 FLOPs per weight of every
     Linear (eq-flops), plus attention's QKᵀ and AV over `seq_len` keys (default
-    context_length), counted over the full T×T score matrix as the kernels compute it:
+    context_length), counted over the full T×T score matrix as the kernels compute it::
+
         forward = 2·N_mm + [4·L·T·D]
         N_mm = L·(2D² + 2·D·Dkv + m·D·F) + D·V      (the Linear weights, head included)
+
     The backward pass costs twice the forward (gradients for inputs and for weights),
     so training = 3·forward. Norms, softmax, biases and embeddings lookups are left out.
     """

@@ -34,7 +34,8 @@ def cross_entropy(
     Targets equal to `ignore_index` (PyTorch's -100) are left out of the mean: the
     prompt tokens of fine-tuning (Chapter 9); NaN if every target is ignored.
 
-    Shapes: logits (B, T, V), targets (B, T) int64 -> scalar.
+    Shapes: logits (B, T, V), targets (B, T) int64 -> scalar; or (N, V) and (N,),
+    e.g. the positions a classifier or a loss mask picked out.
     Raises ValueError if the shapes do not line up.
     """
     if logits.shape[:-1] != targets.shape:
@@ -45,14 +46,14 @@ def cross_entropy(
         )
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up
     if impl == "fast":
-        return F.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index
+        return F.cross_entropy(  # F.cross_entropy wants (N, V) and (N,)
+            logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index
         )
-    peak = logits.amax(dim=-1, keepdim=True).detach()  # (B, T, 1); keeps exp() finite
-    log_z = peak + (logits - peak).exp().sum(dim=-1, keepdim=True).log()  # (B, T, 1)
-    log_probs = logits - log_z  # (B, T, V); eq-log-softmax
-    keep = targets != ignore_index  # (B, T)
-    picked = log_probs.gather(-1, targets.where(keep, 0).unsqueeze(-1))  # (B, T, 1)
+    peak = logits.amax(dim=-1, keepdim=True).detach()  # (..., 1); keeps exp() finite
+    log_z = peak + (logits - peak).exp().sum(dim=-1, keepdim=True).log()  # (..., 1)
+    log_probs = logits - log_z  # (..., V); eq-log-softmax
+    keep = targets != ignore_index  # (...): (B, T) or (N,)
+    picked = log_probs.gather(-1, targets.where(keep, 0).unsqueeze(-1))  # (..., 1)
     return -picked.squeeze(-1)[keep].mean()  # eq-cross-entropy
 
 

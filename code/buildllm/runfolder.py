@@ -132,7 +132,7 @@ def remove_temp_files(out_dir: Path) -> None:
     """Delete what killed writers left in a run folder (call it holding the lock).
 
     Only the hidden temporary names `atomic_file` and `temp_dir` give the run's own
-    files (".metrics.jsonl.*.tmp", "checkpoints/.step-*.tmp", ...); nothing else.
+    files (`.metrics.jsonl.*.tmp`, `checkpoints/.step-*.tmp`, ...); nothing else.
     """
     names = (*RUN_FILES, "latest", "step-")
     for folder in (out_dir, out_dir / RUN_FILES[0]):

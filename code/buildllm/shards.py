@@ -143,7 +143,7 @@ def tokenize_documents(texts: Sequence[str]) -> np.ndarray:
 
     The delimiter goes *before* each document (as GPT-2's data, llm.c, nanoGPT), so
     every document starts after a boundary. Special-token text inside web pages is
-    encoded as ordinary text: a page quoting "<|endoftext|>" cannot forge a boundary.
+    encoded as ordinary text: a page quoting `<|endoftext|>` cannot forge a boundary.
     Runs in a worker process set up by `init_worker`.
 
     Shapes: -> (N,) uint16 (a vocabulary of up to 65,536 ids fits) or uint32.

@@ -3,9 +3,11 @@
 Taught in Chapter 1 (Data and Tokenization), top to bottom. The algorithm is GPT-2's
 (Radford et al. 2019): a regex splits text into pre-tokens, then byte-pair merges
 (Sennrich et al. 2016, arXiv:1508.07909) run inside each pre-token's UTF-8 bytes.
-`encode` ranks a pair by the id of the bytes it would form, exactly as tiktoken does,
-so `to_tiktoken()` and `encode` agree id for id. `BPETokenizer.train` runs the training
-steps of `bpe.py`.
+`encode` ranks a pair by the position in `merges` of the merge that forms its bytes;
+tiktoken ranks by the id, the same order whenever ids follow the merges (as training
+numbers them), so `to_tiktoken()` and `encode` agree id for id. `BPETokenizer.train`
+runs the training steps of `bpe.py`; `from_vocab_and_merges` reads the interchange form
+of minbpe and Hugging Face, ids in any order.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import operator
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -28,6 +31,7 @@ from buildllm.bpe import (
 )
 from buildllm.checks import check_file
 from buildllm.runfolder import write_atomic
+from buildllm.vocab_io import read_gpt2_files, vocab_from_interchange
 
 if TYPE_CHECKING:
     import tiktoken
@@ -55,8 +59,9 @@ class BPETokenizer:
     """A byte-level BPE vocabulary with its pre-tokenization pattern and special tokens.
 
     `vocab[i]` is the bytes of ordinary token i and every one of the 256 single bytes is
-    in it, so any text encodes; `merges` records the training merges as id pairs;
-    special tokens get ids of their own and are never produced from ordinary text.
+    in it, so any text encodes; `merges` lists the merges as id pairs in the order they
+    apply, and every longer token is formed by one of them; special tokens get ids of
+    their own and are never produced from ordinary text.
     Raises ValueError for an inconsistent vocabulary.
     """
 
@@ -71,7 +76,8 @@ class BPETokenizer:
         self.merges = [(int(a), int(b)) for a, b in merges]
         self.special_tokens = dict(special_tokens)
         self.pattern = pattern
-        self._ranks = {token: i for i, token in enumerate(self.vocab)}
+        self._ids = {token: i for i, token in enumerate(self.vocab)}
+        self._ranks = merge_ranks(self.vocab, self.merges)  # bytes -> merge position
         self._id_bytes = self.vocab + [b""] * len(self.special_tokens)
         for token, i in self.special_tokens.items():
             if not len(self.vocab) <= i < len(self._id_bytes) or self._id_bytes[i]:
@@ -80,12 +86,25 @@ class BPETokenizer:
                     f"and follow the {len(self.vocab)} ordinary tokens"
                 )
             self._id_bytes[i] = token.encode("utf-8")
-        missing = 256 - sum(len(t) == 1 for t in self._ranks)
-        if len(self._ranks) != len(self.vocab) or missing:
+        missing = 256 - sum(len(t) == 1 for t in self._ids)
+        if len(self._ids) != len(self.vocab) or missing:
             raise ValueError(
-                f"vocabulary has {len(self.vocab) - len(self._ranks)} duplicate tokens "
+                f"vocabulary has {len(self.vocab) - len(self._ids)} duplicate tokens "
                 f"and lacks {missing} of the 256 single bytes; every byte must appear "
                 "exactly once so that any text can be encoded"
+            )
+        strays = [t for t in self._ranks if t not in self._ids]
+        if strays:
+            raise ValueError(
+                f"a merge forms {strays[0]!r}, which is not in the vocabulary; add "
+                "the token or drop the merge"
+            )
+        unformed = [t for t in self.vocab if len(t) > 1 and t not in self._ranks]
+        if unformed:
+            raise ValueError(
+                f"{len(unformed)} tokens, e.g. {unformed[0]!r}, are formed by no "
+                "merge, so encoding could never produce them; add the merges that form "
+                "them or make them special tokens"
             )
         self._regex = compile_pattern(pattern)  # one that keeps every character
         self._cache: dict[str, list[int]] = {}
@@ -102,11 +121,12 @@ class BPETokenizer:
     ) -> BPETokenizer:
         """Learn `vocab_size - 256 - len(special_tokens)` merges from `source`.
 
-        `source` is text (`str`), a UTF-8 file (`Path`) or an iterable of them,
-        streamed in chunks counted by `workers` processes (default: all cores). Special
-        tokens are cut out before counting and get the last ids. Raises ValueError for
-        a vocab_size too small or too large for the corpus, and for an empty or
-        non-UTF-8 corpus; TypeError for special_tokens given as one string.
+        `source` is text (`str`: always trained on as text, even when it spells a file
+        name), a UTF-8 file (`pathlib.Path`) or an iterable of them, streamed in chunks
+        counted by `workers` processes (default: all cores). Special tokens are cut out
+        before counting and get the last ids. Raises ValueError for a vocab_size too
+        small or too large for the corpus, and for an empty or non-UTF-8 corpus;
+        TypeError for special_tokens given as one string and for a corpus of bytes.
         """
         pattern = PATTERNS.get(pattern, pattern)
         compile_pattern(pattern)  # before the corpus is read: fail fast
@@ -134,10 +154,12 @@ class BPETokenizer:
         vocab = [bytes([i]) for i in range(256)]
         merges = bpe_merges(word_counts, vocab, n_tokens, progress)
         if len(vocab) < n_tokens:
+            hint = "; a str is text: pass pathlib.Path(...) to train on a file"
             raise ValueError(
                 f"the corpus runs out of pairs to merge after {len(merges)} merges, so "
                 f"vocab_size={vocab_size} cannot be reached; use vocab_size <= "
                 f"{len(vocab) + len(special_tokens)} or a larger corpus"
+                + (hint if isinstance(source, str) else "")
             )
         specials = {token: len(vocab) + k for k, token in enumerate(special_tokens)}
         return cls(vocab, merges, specials, pattern)
@@ -159,12 +181,12 @@ class BPETokenizer:
     def encode_piece(self, piece: bytes) -> list[int]:
         """Encode one pre-token: merge the lowest-ranked adjacent pair, again and again.
 
-        The rank of a pair is the id of the bytes it would form (tiktoken's rule); among
-        equal ranks the leftmost pair merges first. A pre-token that is a token of its
-        own is that token, as in tiktoken.
+        The rank of a pair is the position in `merges` of the merge that forms its
+        bytes; among equal ranks the leftmost pair merges first. A pre-token that is a
+        token of its own is that token, as in tiktoken.
         """
-        if piece in self._ranks:
-            return [self._ranks[piece]]
+        if piece in self._ids:
+            return [self._ids[piece]]
         parts = [piece[i : i + 1] for i in range(len(piece))]
         while len(parts) > 1:
             best_rank, best = None, 0
@@ -175,7 +197,7 @@ class BPETokenizer:
             if best_rank is None:
                 break
             parts[best : best + 2] = [parts[best] + parts[best + 1]]
-        return [self._ranks[part] for part in parts]
+        return [self._ids[part] for part in parts]
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode `text` treating special-token text as plain text.
@@ -265,15 +287,46 @@ class BPETokenizer:
         return b"".join(chunks).decode("utf-8", errors="replace")
 
     def to_tiktoken(self, name: str = "buildllm") -> tiktoken.Encoding:
-        """Return a tiktoken Encoding of this vocabulary: same ids, tiktoken's speed."""
+        """Return a tiktoken Encoding of this vocabulary: same ids, tiktoken's speed.
+
+        tiktoken ranks a merge by the id of the token it forms, so the ids of the longer
+        tokens must follow the merges. Raises ValueError for a vocabulary whose ids do
+        not (e.g. renumbered by `from_vocab_and_merges`); its `encode` still works.
+        """
         import tiktoken
 
+        by_rank = sorted(self._ranks, key=self._ranks.__getitem__)
+        ids = [self._ids[token] for token in by_rank]
+        if ids != sorted(ids):
+            first = next(a for a, b in itertools.pairwise(ids) if a > b)
+            raise ValueError(
+                f"token ids are not in merge order (id {first} is formed before a "
+                "smaller id), and tiktoken ranks merges by id; encode with "
+                "BPETokenizer.encode, or number the tokens in merge order"
+            )
         return tiktoken.Encoding(
             name=name,
             pat_str=self.pattern,
-            mergeable_ranks=self._ranks,
+            mergeable_ranks=self._ids,
             special_tokens=self.special_tokens,
         )
+
+    def to_vocab_and_merges(self) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+        """Return the interchange form: {id: bytes} of the ordinary tokens, and merges.
+
+        The merges are pairs of bytes in the order they apply, as minbpe and Hugging
+        Face list them; `from_vocab_and_merges` with `special_tokens` and `pattern`
+        rebuilds this tokenizer.
+        """
+        vocab = dict(enumerate(self.vocab))
+        return vocab, [(self.vocab[a], self.vocab[b]) for a, b in self.merges]
+
+    def merge_rank(self, token: bytes) -> int | None:
+        """Return the position in `merges` of the first merge forming `token`, or None.
+
+        None for a single byte and for bytes that are no token: those never merge.
+        """
+        return self._ranks.get(token)
 
     @functools.cached_property
     def hash(self) -> str:
@@ -297,8 +350,8 @@ class BPETokenizer:
 
         Keys: "format" ("buildllm-bpe"), "version" (1), "pattern" (the pre-tokenization
         regex), "special_tokens" ({text: id}), "vocab" (hex bytes of ordinary token i at
-        index i), "merges" ([id_a, id_b] in training order; token 256 + k came from
-        merge k unless it repeats an earlier token's bytes).
+        index i), "merges" ([id_a, id_b] in the order they apply; in a trained tokenizer
+        token 256 + k came from merge k unless it repeats an earlier token's bytes).
         """
         write_atomic(path, self.to_bytes())  # never a half-written tokenizer
 
@@ -322,6 +375,29 @@ class BPETokenizer:
             ) from None
 
     @classmethod
+    def from_vocab_and_merges(
+        cls,
+        vocab: Mapping[int, bytes],
+        merges: Iterable[tuple[bytes, bytes]],
+        special_tokens: Mapping[str, int] | None = None,
+        pattern: Literal["gpt2", "gpt4"] | str = "gpt2",
+    ) -> BPETokenizer:
+        """Build a tokenizer from {id: bytes} and the merges as pairs of bytes.
+
+        The interchange form of minbpe, Hugging Face (after `bytes_to_unicode`) and
+        course assignments. The merges apply in the order given, whatever the ids: ids
+        need not follow the merges. Ordinary ids are 0..N-1; special tokens take the
+        ids after them, and a vocab entry that spells a special token at its id is that
+        token. Raises ValueError for inconsistent input (a gap in the ids, two ids with
+        the same bytes, a merge piece or result missing from the vocabulary) and
+        TypeError for a token that is not bytes.
+        """
+        ordinary, id_merges, specials = vocab_from_interchange(
+            vocab, merges, special_tokens or {}
+        )
+        return cls(ordinary, id_merges, specials, PATTERNS.get(pattern, pattern))
+
+    @classmethod
     def from_gpt2_files(
         cls, encoder_json: str | Path, vocab_bpe: str | Path
     ) -> BPETokenizer:
@@ -331,48 +407,27 @@ class BPETokenizer:
         the 256 bytes and the merges are special tokens (GPT-2 has `<|endoftext|>`,
         50256). Raises ValueError for files that disagree with each other.
         """
-        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-        try:
-            encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-            lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
-            if not lines[0].startswith("#version"):
-                raise ValueError("vocab.bpe does not start with a #version line")
-            merge_texts = [line.split(" ") for line in lines[1:] if line]
-            n_ordinary = 256 + len(merge_texts)
-            vocab = [b""] * n_ordinary
-            specials = {}
-            for text, i in encoder.items():
-                if i >= n_ordinary:
-                    specials[text] = i
-                else:
-                    vocab[i] = bytes(byte_of[char] for char in text)
-            ids = {token: i for i, token in enumerate(vocab)}
-            merges = [
-                (ids[bytes(byte_of[c] for c in a)], ids[bytes(byte_of[c] for c in b)])
-                for a, b in merge_texts
-            ]
-            for k, (a, b) in enumerate(merges):
-                if vocab[a] + vocab[b] != vocab[256 + k]:
-                    raise ValueError(f"merge {k} does not form token {256 + k}")
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            raise ValueError(
-                f"{encoder_json} and {vocab_bpe} are not a matching GPT-2 vocabulary "
-                f"({type(err).__name__}: {err}); use OpenAI's published files"
-            ) from None
+        vocab, merges, specials = read_gpt2_files(encoder_json, vocab_bpe)
         return cls(vocab, merges, specials, GPT2_PATTERN)
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """Map each byte to a printable character, as GPT-2's files spell tokens.
+def merge_ranks(
+    vocab: Sequence[bytes], merges: Sequence[tuple[int, int]]
+) -> dict[bytes, int]:
+    """Map the bytes each merge forms to its rank, the merge's position in `merges`.
 
-    Printable Latin-1 bytes map to themselves; the other 68 (space, control bytes)
-    map to chr(256), chr(257), ... in byte order.
+    A merge that forms bytes an earlier merge formed keeps the earlier rank (training
+    reuses such a token). Raises ValueError for a merge of ids outside the vocabulary.
     """
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {
-        b: chr(256 + k) for k, b in enumerate(others)
-    }
+    ranks: dict[bytes, int] = {}
+    for k, (a, b) in enumerate(merges):
+        if not (0 <= a < len(vocab) and 0 <= b < len(vocab)):
+            raise ValueError(
+                f"merge {k} joins ids ({a}, {b}), but the ordinary ids are "
+                f"0..{len(vocab) - 1}; a merge joins two ordinary tokens"
+            )
+        ranks.setdefault(vocab[a] + vocab[b], k)
+    return ranks
 
 
 @functools.lru_cache(maxsize=1)
