@@ -306,9 +306,11 @@ def toc_page(soup: BeautifulSoup, chapters: list[tuple[str, Tag, str]]) -> Tag:
         top.append(link)
         sub = soup.new_tag("ul")
         for h2 in article.find_all("h2"):
-            section = h2.find_parent("section")
+            # Point at the heading, not its section: a heading pushed to the next
+            # page leaves the section's start, and its page number, behind.
+            h2["id"] = h2.get("id") or f"{h2.find_parent('section')['id']}-title"
             li = soup.new_tag("li", attrs={"class": "toc-section"})
-            a = soup.new_tag("a", href=f"#{section['id']}")
+            a = soup.new_tag("a", href=f"#{h2['id']}")
             a.string = h2.get_text(" ", strip=True)
             li.append(a)
             sub.append(li)
