@@ -16,6 +16,8 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from buildllm.distributed import DEVICES
+
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
     from buildllm.chat import Message
     from buildllm.model import GPT
@@ -49,7 +51,7 @@ def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest reply")
     p.add_argument("--seed", type=int, default=1337, help="same seed, same replies")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+    p.add_argument("--device", default="auto", choices=list(DEVICES),
                    help="auto: cuda, then mps, then cpu")  # fmt: skip
     p.set_defaults(handler=run_chat)
 
@@ -228,7 +230,7 @@ def add_chat_stages(stages: argparse._SubParsersAction) -> None:
         p.add_argument("--batch-size", type=int, default=32 if p is sft else 16,
                        help="conversations (sft) or pairs (dpo) per step")  # fmt: skip
         p.add_argument("--seed", type=int, default=1337, help="data order and draws")
-        p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"],
+        p.add_argument("--device", default="cpu", choices=list(DEVICES),
                        help="auto: cuda, then mps, then cpu")  # fmt: skip
         p.add_argument("--json", action="store_true", help="print one JSON object")
 

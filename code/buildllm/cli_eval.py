@@ -20,6 +20,7 @@ from buildllm.cli_sample import (
     run_tokenizer,
 )
 from buildllm.datasources import load_tokenizer
+from buildllm.distributed import DEVICES
 
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
     import numpy as np
@@ -98,7 +99,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         default="auto",
-        choices=["auto", "cpu", "cuda", "mps"],
+        choices=list(DEVICES),
         help="auto picks cuda, then mps, then cpu",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")

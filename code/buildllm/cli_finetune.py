@@ -16,6 +16,7 @@ import sys
 
 from buildllm.classify_run import GENRE_RUN
 from buildllm.cli_chat import add_chat_stages
+from buildllm.distributed import DEVICES
 from buildllm.train import TrainConfig
 
 GENRE_DATA = "shakespeare-genre"
@@ -142,7 +143,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--device",
         default="auto",
-        choices=["auto", "cpu", "cuda", "mps"],
+        choices=list(DEVICES),
         help="auto: cuda, then mps, then cpu",
     )
     c.add_argument(
@@ -267,7 +268,7 @@ def add_classify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         default="auto",
-        choices=["auto", "cpu", "cuda", "mps"],
+        choices=list(DEVICES),
         help="auto: cuda, then mps, then cpu",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from buildllm.checks import SAMPLING_RULES, TRAIN_RULES, Range
 from buildllm.cli_data import load_tokenizer
+from buildllm.distributed import DEVICES
 
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
     from buildllm.model import GPT
@@ -94,7 +95,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         default="auto",
-        choices=["auto", "cpu", "cuda", "mps"],
+        choices=list(DEVICES),
         help="auto: cuda, then mps, then cpu",
     )
     p.add_argument(

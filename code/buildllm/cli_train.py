@@ -12,6 +12,7 @@ import json
 import re
 
 from buildllm.checks import MODEL_RULES, TRAIN_RULES, OneOf, Range, UsageError
+from buildllm.distributed import DEVICES
 
 # ---------------------------------------------------------------- train / plot
 TRAIN_HELP = {
@@ -117,7 +118,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--data fineweb-edu\n"
         "  buildllm plot runs/tiny -o loss.svg",
     )
-    choices = {"preset": list(gpt.PRESETS), "device": ["auto", "cpu", "cuda", "mps"]}
+    choices = {"preset": list(gpt.PRESETS), "device": list(DEVICES)}
     for f in fields(TrainConfig):
         if f.name == "model":  # set by --preset
             continue

@@ -52,6 +52,9 @@ PEAK_FLOPS = {
 }  # fmt: skip
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")  # the --device choices of every command
+
+
 def resolve_device(device: str = "auto") -> str:
     """Return the device to run on: `device`, or for "auto" cuda, else mps, else cpu.
 
