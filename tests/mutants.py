@@ -42,10 +42,10 @@ class Mutant:
 
 MUTANTS = [
     Mutant("gradient sync on the first micro-step", TRAIN,
-           "enabled=micro == self.accum_local - 1", "enabled=micro == 0",
+           "enabled=micro == accum_local - 1", "enabled=micro == 0",
            (TORCHRUN + "_process[ddp]",), slow=True),
     Mutant("loss divided by the global accumulation count", TRAIN,
-           "(loss / self.accum_local).backward()", "(loss / c.grad_accum_steps).backward()",
+           "(loss / accum_local).backward()", "(loss / self.config.grad_accum_steps).backward()",
            (TORCHRUN + "_process[ddp]",), slow=True),
     Mutant("random states not restored on resume", TRAIN,
            '        set_rng_states(state["rng"])\n', "",

@@ -100,3 +100,10 @@ def test_a_labelled_url_is_downloaded_once_checked_and_cached(
     (tmp_path / "genre.jsonl").unlink()
     with pytest.raises(ValueError, match="sha256"):
         load_labelled(url, sha256="0" * 64, progress=False)
+
+
+def test_the_training_split_holds_every_passage_of_its_plays_and_no_other():
+    train = genre_passages("train")
+    by_name = {w.name: w for w in corpora.works("shakespeare")}
+    expected = [p for n in genre_plays()["train"] for p in passages(by_name[n].text)]
+    assert train.texts == expected

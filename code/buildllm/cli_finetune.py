@@ -14,7 +14,7 @@ import json
 import re
 import sys
 
-from buildllm.classify_run import GENRE_RUN
+from buildllm.classify_run import GENRE_POOLING, GENRE_RUN
 from buildllm.cli_chat import add_chat_stages
 from buildllm.distributed import DEVICES
 from buildllm.train import TrainConfig
@@ -111,8 +111,9 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--pooling",
         choices=["last", "mean"],
-        default="last",
-        help="which positions' logits classify: last real token or mean",
+        default=GENRE_POOLING,
+        help="which positions' logits classify: the last real token, or their mean "
+        "(the book's recipe)",
     )
     c.add_argument(
         "--class-weights",

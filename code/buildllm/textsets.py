@@ -24,7 +24,7 @@ GENRES = ("comedy", "history", "tragedy")
 SetSplit = Literal["train", "val", "test"]
 SPLIT_SEED = 8  # chooses the validation and extra test plays of each genre
 PASSAGE_CHARS = 320  # about 90 tokens of the tiny tokenizer: fits its context of 128
-PER_PLAY = {"train": 50, "val": 40, "test": 60}  # passages taken from each play
+PER_PLAY = {"train": None, "val": 40, "test": 60}  # passages from each play; None: all
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,10 @@ def genre_passages(
 ) -> TextSet:
     """Return `split`'s passages labelled by genre: `per_play` spread over each play.
 
-    The passages are taken at evenly spaced places through each play (all of them
-    if it has fewer), play by play. Raises ValueError for an unknown split.
+    `per_play` defaults to the split's `PER_PLAY`: every passage of a training play
+    (more text to learn from), a fixed number of each validation and test play (so
+    every test play counts the same). They are taken at evenly spaced places through
+    each play (all of them if it has fewer). Raises ValueError for an unknown split.
     """
     if split not in PER_PLAY:
         raise ValueError(f"split={split!r} must be one of {tuple(PER_PLAY)}")
@@ -100,8 +102,9 @@ def genre_passages(
     texts, labels, groups = [], [], []
     for name in genre_plays(seed)[split]:
         cut = passages(by_name[name].text, passage_chars)
-        step = max(1.0, len(cut) / per_play)
-        chosen = [cut[int(i * step)] for i in range(min(per_play, len(cut)))]
+        take = len(cut) if per_play is None else min(per_play, len(cut))
+        step = len(cut) / take
+        chosen = [cut[int(i * step)] for i in range(take)]
         texts += chosen
         labels += [GENRES.index(by_name[name].kind)] * len(chosen)
         groups += [name] * len(chosen)
