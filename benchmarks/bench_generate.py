@@ -7,7 +7,10 @@ float32, batch 1, a one-token prompt and greedy decoding, it times `buildllm.gen
 with the cache and without, and `transformers.GPT2LMHeadModel.generate(use_cache=True)`
 on the same shape in the same process, alternating them so all see the same load.
 Our model decodes with `matvec_layout` applied, as `buildllm sample` does on a CPU;
-"cached_linear_layout" is the same cached decoding with nn.Linear's own layout.
+"cached_linear_layout" is the same cached decoding with nn.Linear's own layout. On a
+CPU with native bf16 (AVX512-BF16 or AMX) both also decode with bf16 weights
+("cached_bf16", "transformers_cached_bf16"), as `buildllm sample --dtype auto` does;
+"auto_vs_transformers" is our default against transformers in float32 as users run it.
 Uncached decoding of the 124M model past 64 tokens would take most of an hour on a
 laptop CPU, so there it is estimated: one uncached step at sequence length L costs one
 forward pass over L tokens; the script times forward passes at a few L, interpolates,
@@ -30,7 +33,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from common import hf_gpt2
 
+from buildllm.distributed import cpu_has_bf16
 from buildllm.generate import generate, matvec_layout
 from buildllm.model import GPT, GPTConfig
 
@@ -56,20 +61,6 @@ def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: min(ts) for name, ts in times.items()}
-
-
-def hf_model(config: GPTConfig) -> torch.nn.Module:
-    """Return transformers' GPT-2 with `config`'s shape, random weights, eval mode."""
-    import transformers
-
-    from buildllm.hf import config_to_hf
-
-    hf_config = transformers.GPT2Config(
-        **config_to_hf(config),
-        bos_token_id=None,  # no end-of-text token: always exactly N new tokens
-        eos_token_id=None,
-    )
-    return transformers.GPT2LMHeadModel(hf_config).eval()
 
 
 def hf_generate(model: torch.nn.Module, idx: torch.Tensor, n: int) -> None:
@@ -99,7 +90,12 @@ def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
     config = GPTConfig.from_preset(preset, **overrides)
     plain = GPT(config).eval()
     model = matvec_layout(copy.deepcopy(plain))
-    reference = hf_model(config) if hf else None
+    reference = hf_gpt2(config) if hf else None
+    bf16 = cpu_has_bf16()  # bf16 weights as `buildllm sample --dtype auto` decodes here
+    model_bf16 = matvec_layout(copy.deepcopy(plain).to(torch.bfloat16)) if bf16 else None
+    reference_bf16 = (
+        copy.deepcopy(reference).to(torch.bfloat16) if bf16 and hf else None
+    )
     idx = torch.zeros(1, 1, dtype=torch.long)  # the end-of-text token as the prompt
     small = config.n_layers * config.d_model < 5000
     estimated = {} if small or full else estimate_uncached(model, lengths)
@@ -110,10 +106,18 @@ def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
             "cached": lambda n=n: generate(model, idx, n, temperature=0),
             "cached_linear_layout": lambda n=n: generate(plain, idx, n, temperature=0),
         }
+        if model_bf16 is not None:
+            contenders["cached_bf16"] = lambda n=n: generate(
+                model_bf16, idx, n, temperature=0
+            )
         if reference is not None and n <= config.context_length:
             contenders["transformers_cached"] = lambda n=n: hf_generate(
                 reference, idx, n
             )
+            if reference_bf16 is not None:
+                contenders["transformers_cached_bf16"] = lambda n=n: hf_generate(
+                    reference_bf16, idx, n
+                )
         measure_uncached = small or full or n <= FULL_UNCACHED_LIMIT
         if measure_uncached:
             contenders["uncached"] = lambda n=n: generate(
@@ -129,6 +133,12 @@ def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
         row["cache_speedup"] = row["cached"] / row["uncached"]
         if "transformers_cached" in row:
             row["vs_transformers"] = row["cached"] / row["transformers_cached"]
+            best = row.get("cached_bf16", row["cached"])  # what --dtype auto decodes
+            row["auto_vs_transformers"] = best / row["transformers_cached"]
+        if "transformers_cached_bf16" in row:
+            row["bf16_vs_transformers_bf16"] = (
+                row["cached_bf16"] / row["transformers_cached_bf16"]
+            )
         rows[str(n)] = row
         print(f"{name} {n}: {json.dumps(row)}", file=sys.stderr, flush=True)
     return {"tokens_per_s": rows, "params": model.num_params(),
@@ -154,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload = {
         "benchmark": "generate",
-        "setup": "random weights, float32, batch 1, one-token prompt, greedy; "
-        f"{torch.get_num_threads()} torch threads",
+        "setup": "random weights, float32 (and bf16 where native), batch 1, "
+        f"one-token prompt, greedy; {torch.get_num_threads()} torch threads",
         "targets": {"cache_speedup_at_1024": 5.0, "vs_transformers": 1.0},
         "results": results,
     }

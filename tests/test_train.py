@@ -143,13 +143,13 @@ def test_run_killed_with_sigkill_and_resumed_logs_exactly_the_uninterrupted_loss
 def test_resume_restores_the_random_state_so_dropout_masks_match_the_full_run(
     tmp_path, monkeypatch
 ):
-    from buildllm.model import PRESETS
-
-    monkeypatch.setitem(PRESETS, "tiny", {**PRESETS["tiny"], "dropout": 0.1})
-    config = replace(SMALL, max_steps=4, sample_tokens=4)  # samples at evaluations too
-    full = Trainer(
-        replace(config, out_dir=str(tmp_path / "full")), progress=False
-    ).fit()
+    # dropout on (the config's model, resolved when SMALL was built, carries it) and
+    # samples at evaluations: both draw random numbers after the restore
+    config = replace(SMALL, model=replace(SMALL.model, dropout=0.1), max_steps=4,
+                     sample_tokens=4)  # fmt: skip
+    trainer = Trainer(replace(config, out_dir=str(tmp_path / "full")), progress=False)
+    assert any(isinstance(m, torch.nn.Dropout) for m in trainer.model.modules())
+    full = trainer.fit()
     killed = replace(config, out_dir=str(tmp_path / "killed"))
     step = Trainer.train_step
 

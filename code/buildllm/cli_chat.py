@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from buildllm.cli_sample import add_dtype_flag
 from buildllm.distributed import DEVICES
 
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
@@ -53,6 +54,7 @@ def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1337, help="same seed, same replies")
     p.add_argument("--device", default="auto", choices=list(DEVICES),
                    help="auto: cuda, then mps, then cpu")  # fmt: skip
+    add_dtype_flag(p)
     p.set_defaults(handler=run_chat)
 
 
@@ -148,7 +150,7 @@ class ChatSession:
 def run_chat(args: argparse.Namespace) -> int:
     from buildllm.cli_sample import load_cli_model, run_tokenizer
 
-    model = load_cli_model(args.checkpoint, None, args.device)
+    model = load_cli_model(args.checkpoint, None, args.device, args.dtype)
     session = ChatSession(model, run_tokenizer(args.checkpoint), args)
     interactive = not args.message and sys.stdin.isatty()
     lines = iter(args.message) if args.message else None

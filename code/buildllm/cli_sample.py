@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from buildllm.checks import SAMPLING_RULES, TRAIN_RULES, Range
 from buildllm.cli_data import load_tokenizer
-from buildllm.distributed import DEVICES
+from buildllm.distributed import DEVICES, DTYPES
 
 if TYPE_CHECKING:  # type hints only: each command imports what it runs
     from buildllm.model import GPT
@@ -98,6 +98,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
         choices=list(DEVICES),
         help="auto: cuda, then mps, then cpu",
     )
+    add_dtype_flag(p)
     p.add_argument(
         "--json", action="store_true", help="print one JSON object at the end"
     )
@@ -156,23 +157,38 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_cli_model(checkpoint: str | None, hf: str | None, device: str) -> GPT:
-    """Return the model of `--checkpoint` (a `buildllm train` run) or of `--hf`."""
-    from buildllm.distributed import resolve_device
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """Add --dtype, the weights' dtype for decoding, to a command that decodes."""
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="weights for decoding; auto: bfloat16 where native (CUDA, "
+                   "CPUs with AVX512-BF16 or AMX), else float32")  # fmt: skip
+
+
+def load_cli_model(
+    checkpoint: str | None, hf: str | None, device: str, dtype: str = "float32"
+) -> GPT:
+    """Return the model of `--checkpoint` (a `buildllm train` run) or of `--hf`.
+
+    Its weights in `distributed.weights_dtype(device, dtype)`: float32 by default
+    (for training), bf16 for decoding with --dtype auto where bf16 is native.
+    """
+    from buildllm.distributed import resolve_device, weights_dtype
 
     device = resolve_device(device)
     if hf:
         from buildllm.hf import load_hf_gpt2
 
-        return load_hf_gpt2(hf).to(device)
-    from buildllm.checkpoint import load_model
+        model = load_hf_gpt2(hf)
+    else:
+        from buildllm.checkpoint import load_model
 
-    return load_model(checkpoint, device=device)
+        model = load_model(checkpoint, device=device)
+    return model.to(device=device, dtype=weights_dtype(device, dtype))
 
 
 def load_for_sampling(args: argparse.Namespace) -> tuple[GPT, BPETokenizer]:
     """Return (model, tokenizer) for `buildllm sample`, checking that they fit."""
-    model = load_cli_model(args.checkpoint, args.hf_checkpoint, args.device)
+    model = load_cli_model(args.checkpoint, args.hf_checkpoint, args.device, args.dtype)
     if args.hf_checkpoint and not args.tokenizer:
         from buildllm.hf_tokenizer import load_hf_tokenizer
 

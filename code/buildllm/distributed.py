@@ -53,6 +53,7 @@ PEAK_FLOPS = {
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # the --device choices of every command
+DTYPES = ("auto", "float32", "bfloat16")  # the --dtype choices
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -155,24 +156,43 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def native_bf16(device: str) -> bool:
+    """Return whether `device` computes in bf16 natively: CUDA, or `cpu_has_bf16`."""
+    kind = device.split(":")[0]
+    return kind == "cuda" or (kind == "cpu" and cpu_has_bf16())
+
+
 def autocast_for(
     device: str, dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 ) -> Callable[[], contextlib.AbstractContextManager]:
     """Return a factory of the autocast context for `device` and `dtype`.
 
-    "auto" means bf16 on CUDA and on CPUs with native bf16 (`cpu_has_bf16`): matmuls
-    in bf16, reductions such as softmax and the loss in float32, and the weights and
-    optimizer state stay float32; bf16 keeps float32's exponent range, so no loss
-    scaling is needed. Elsewhere "auto" is float32. On CUDA it also lets float32
-    matmuls use TF32 tensor cores (Ampere and later): 10 mantissa bits instead of 23.
+    "auto" means bf16 where it is native (`native_bf16`): matmuls in bf16, reductions
+    such as softmax and the loss in float32, and the weights and optimizer state stay
+    float32; bf16 keeps float32's exponent range, so no loss scaling is needed.
+    Elsewhere "auto" is float32. On CUDA it also lets float32 matmuls use TF32 tensor
+    cores (Ampere and later): 10 mantissa bits instead of 23.
     """
     kind = device.split(":")[0]
     if kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    auto_bf16 = kind == "cuda" or (kind == "cpu" and cpu_has_bf16())
-    enabled = dtype == "bfloat16" or (dtype == "auto" and auto_bf16)
+    enabled = dtype == "bfloat16" or (dtype == "auto" and native_bf16(device))
     return lambda: torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
+
+
+def weights_dtype(
+    device: str, dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+) -> torch.dtype:
+    """Return the dtype to hold a model's weights in for decoding on `device`.
+
+    Decoding one token reads every weight once, so its speed is set by the bytes read:
+    bf16 weights halve them. "auto" is bf16 where bf16 is native (`native_bf16`) and
+    float32 elsewhere, where bf16 arithmetic is emulated and slower. Training keeps
+    float32 weights and uses `autocast_for` instead.
+    """
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and native_bf16(device))
+    return torch.bfloat16 if use_bf16 else torch.float32
 
 
 def load_data(

@@ -112,7 +112,7 @@ class TrainConfig:
     sample_tokens: int | None = 64  # tokens generated at each evaluation
     seed: int = 1337
     device: str = "auto"  # cuda, then mps, then cpu
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA only
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 where native
     compile: bool = False
     impl: Literal["manual", "fast"] = "fast"  # of the loss, clipping and AdamW
     strategy: Strategy = "ddp"  # with several processes
