@@ -9,8 +9,8 @@ on the same shape in the same process, alternating them so all see the same load
 Our model decodes with `matvec_layout` applied, as `buildllm sample` does on a CPU;
 "cached_linear_layout" is the same cached decoding with nn.Linear's own layout. On a
 CPU with native bf16 (AVX512-BF16 or AMX) both also decode with bf16 weights
-("cached_bf16", "transformers_cached_bf16"), as `buildllm sample --dtype auto` does;
-"auto_vs_transformers" is our default against transformers in float32 as users run it.
+("cached_bf16", "transformers_cached_bf16"), as `buildllm sample --dtype bfloat16`
+does ("auto" decodes in float32 on a CPU: bf16 was measured slower there).
 Uncached decoding of the 124M model past 64 tokens would take most of an hour on a
 laptop CPU, so there it is estimated: one uncached step at sequence length L costs one
 forward pass over L tokens; the script times forward passes at a few L, interpolates,
@@ -91,7 +91,7 @@ def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
     plain = GPT(config).eval()
     model = matvec_layout(copy.deepcopy(plain))
     reference = hf_gpt2(config) if hf else None
-    bf16 = cpu_has_bf16()  # bf16 weights as `buildllm sample --dtype auto` decodes here
+    bf16 = cpu_has_bf16()  # bf16 weights, as `buildllm sample --dtype bfloat16`
     model_bf16 = matvec_layout(copy.deepcopy(plain).to(torch.bfloat16)) if bf16 else None
     reference_bf16 = (
         copy.deepcopy(reference).to(torch.bfloat16) if bf16 and hf else None
@@ -133,8 +133,6 @@ def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
         row["cache_speedup"] = row["cached"] / row["uncached"]
         if "transformers_cached" in row:
             row["vs_transformers"] = row["cached"] / row["transformers_cached"]
-            best = row.get("cached_bf16", row["cached"])  # what --dtype auto decodes
-            row["auto_vs_transformers"] = best / row["transformers_cached"]
         if "transformers_cached_bf16" in row:
             row["bf16_vs_transformers_bf16"] = (
                 row["cached_bf16"] / row["transformers_cached_bf16"]

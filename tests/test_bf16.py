@@ -74,10 +74,10 @@ def test_bf16_weights_decode_the_float32_models_logits_and_greedy_tokens(runs):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_decoding_weights_are_bf16_exactly_where_bf16_is_native(monkeypatch, native):
+def test_decoding_weights_are_bf16_on_cuda_and_float32_on_any_cpu(monkeypatch, native):
+    # measured on an AMX CPU (Appendix B): bf16 weights decode slower than float32
     monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: native)
-    want = torch.bfloat16 if native else torch.float32
-    assert distributed.weights_dtype("cpu", "auto") == want
+    assert distributed.weights_dtype("cpu", "auto") == torch.float32
     assert distributed.weights_dtype("cuda", "auto") == torch.bfloat16
     assert distributed.weights_dtype("cpu", "float32") == torch.float32
     assert distributed.weights_dtype("cpu", "bfloat16") == torch.bfloat16

@@ -5,10 +5,14 @@
   counter with the preface.
 - The bibliography's labels are "Author et al., Year", matching the author-year citations
   in the text ("[Vaswani et al., 2017]").
+- The package's code names the equations it implements by their labels
+  (`# eq-cross-entropy`); in the listings and cells of the book such a label reads as
+  the equation's printed number, "Eq. (5.2)".
 """
 
 from __future__ import annotations
 
+import re
 import string
 
 from docutils import nodes
@@ -75,7 +79,34 @@ def letter_appendices(app, env):
     return []
 
 
+EQUATION_LABEL = re.compile(r"\beq-[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+def equation_number(env, label: str) -> str | None:
+    """Return "Eq. (5.2)" for equation `label`, as the text's references print it."""
+    found = env.get_domain("math").data["objects"].get(label)
+    if found is None:
+        return None
+    numbers = env.toc_fignumbers.get(found[0], {}).get("displaymath", {})
+    number = numbers.get(nodes.make_id(f"equation-{label}"))
+    return f"Eq. ({'.'.join(map(str, number))})" if number else None
+
+
+def number_equation_labels(app, doctree, docname):
+    """In every code block, replace an equation's label by its printed number."""
+    for block in doctree.findall(nodes.literal_block):
+        text = block.astext()
+        new = EQUATION_LABEL.sub(
+            lambda m: equation_number(app.env, m.group()) or m.group(), text
+        )
+        if new != text:
+            if block.rawsource == text:  # else Sphinx would not highlight it
+                block.rawsource = new
+            block.children = [nodes.Text(new)]
+
+
 def setup(app):
     app.add_config_value("appendix_docs", [], "env")
     app.connect("env-get-updated", letter_appendices, priority=900)
+    app.connect("doctree-resolved", number_equation_labels)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

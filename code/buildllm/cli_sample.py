@@ -160,8 +160,8 @@ def run_sample(args: argparse.Namespace) -> int:
 def add_dtype_flag(p: argparse.ArgumentParser) -> None:
     """Add --dtype, the weights' dtype for decoding, to a command that decodes."""
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
-                   help="weights for decoding; auto: bfloat16 where native (CUDA, "
-                   "CPUs with AVX512-BF16 or AMX), else float32")  # fmt: skip
+                   help="weights for decoding; auto: bfloat16 on CUDA, float32 on "
+                   "a CPU (faster there, measured)")  # fmt: skip
 
 
 def load_cli_model(
@@ -170,7 +170,7 @@ def load_cli_model(
     """Return the model of `--checkpoint` (a `buildllm train` run) or of `--hf`.
 
     Its weights in `distributed.weights_dtype(device, dtype)`: float32 by default
-    (for training), bf16 for decoding with --dtype auto where bf16 is native.
+    (for training); for decoding, --dtype auto is bf16 on CUDA.
     """
     from buildllm.distributed import resolve_device, weights_dtype
 
