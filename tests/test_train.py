@@ -34,12 +34,14 @@ from buildllm.train import TrainConfig, Trainer, train_tiny
 
 BIN = Path(sys.executable).parent
 # A few steps of the tiny preset on the embedded corpus, fast on a loaded 2-core CPU.
+# float32 throughout: these tests compare runs that must agree to float32 rounding (two
+# paths, two processes), which bf16 autocast ("auto" on CPUs with native bf16) would not.
 FLAGS = ["--batch-size", "2", "--max-steps", "6", "--eval-interval", "3",
          "--eval-steps", "2", "--checkpoint-interval", "2", "--sample-tokens", "4",
-         "--warmup-steps", "2", "--device", "cpu"]  # fmt: skip
+         "--warmup-steps", "2", "--device", "cpu", "--dtype", "float32"]  # fmt: skip
 SMALL = TrainConfig(batch_size=2, max_steps=4, eval_interval=2, eval_steps=2,
                     checkpoint_interval=2, sample_tokens=None, warmup_steps=2,
-                    device="cpu")  # fmt: skip
+                    device="cpu", dtype="float32")  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
