@@ -79,26 +79,36 @@ def letter_appendices(app, env):
     return []
 
 
-EQUATION_LABEL = re.compile(r"\beq-[a-z0-9]+(?:-[a-z0-9]+)*")
+# A label alone, "eq-gelu", or in parentheses, "(eq-gelu)": "Eq. (4.5)" or "(4.5)".
+EQUATION_LABEL = re.compile(r"(\()?\b(eq-[a-z0-9]+(?:-[a-z0-9]+)*)(\))?")
 
 
 def equation_number(env, label: str) -> str | None:
-    """Return "Eq. (5.2)" for equation `label`, as the text's references print it."""
+    """Return "5.2" for equation `label`, as the text's references print it."""
     found = env.get_domain("math").data["objects"].get(label)
     if found is None:
         return None
     numbers = env.toc_fignumbers.get(found[0], {}).get("displaymath", {})
     number = numbers.get(nodes.make_id(f"equation-{label}"))
-    return f"Eq. ({'.'.join(map(str, number))})" if number else None
+    return ".".join(map(str, number)) if number else None
+
+
+def numbered(env, match: re.Match) -> str:
+    """Return the text of an `EQUATION_LABEL` match with the label as its number."""
+    opening, label, closing = match.groups()
+    number = equation_number(env, label)
+    if number is None:
+        return match.group()
+    if opening and closing:
+        return f"({number})"
+    return f"{opening or ''}Eq. ({number}){closing or ''}"
 
 
 def number_equation_labels(app, doctree, docname):
     """In every code block, replace an equation's label by its printed number."""
     for block in doctree.findall(nodes.literal_block):
         text = block.astext()
-        new = EQUATION_LABEL.sub(
-            lambda m: equation_number(app.env, m.group()) or m.group(), text
-        )
+        new = EQUATION_LABEL.sub(lambda m: numbered(app.env, m), text)
         if new != text:
             if block.rawsource == text:  # else Sphinx would not highlight it
                 block.rawsource = new
