@@ -38,8 +38,8 @@ from common import bench_parser, emit, hf_gpt2, matmul_peak, sync
 
 from buildllm.corpora import EMBEDDED
 from buildllm.data import write_tokens
-from buildllm.distributed import cpu_has_bf16, resolve_device
-from buildllm.model import GPTConfig, flops_per_token
+from buildllm.distributed import native_bf16, resolve_device
+from buildllm.model import flops_per_token
 from buildllm.train import TrainConfig, Trainer
 
 # (batch_size, grad_accum_steps) per preset and device: small enough for 2 CPU cores.
@@ -94,7 +94,7 @@ def time_transformers_steps(
     `torch.optim.AdamW` with our learning rate, betas and decay, and clipping at 1.0;
     under bf16 autocast when `config.dtype` is "bfloat16".
     """
-    model_config = GPTConfig.from_preset(config.preset)
+    model_config = config.model  # the GPTConfig our Trainer builds
     device, V = resolve_device(config.device), model_config.vocab_size
     model = hf_gpt2(model_config).to(device).train()
     optimizer = torch.optim.AdamW(
@@ -171,16 +171,16 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    native_bf16 = kind == "cuda" or cpu_has_bf16()
+    has_bf16 = native_bf16(device)
     peaks = {"float32": matmul_peak(device, dtype=torch.float32),
              "bfloat16": matmul_peak(device, dtype=torch.bfloat16)}  # fmt: skip
     best = max(peaks.values())
-    auto = "bfloat16" if native_bf16 else "float32"  # what `dtype="auto"` runs
+    auto = "bfloat16" if has_bf16 else "float32"  # what `dtype="auto"` runs
     peak = peaks[auto]
     results: dict[str, object] = {
         "device": device, "peak_flops": peak, "peak_flops_by_dtype": peaks,
         "torch_threads": torch.get_num_threads(),
-        "bf16": "native: bf16 rows measured" if native_bf16 else
+        "bf16": "native: bf16 rows measured" if has_bf16 else
                 "not run: no native bf16 on this CPU (emulated, slower than float32)",
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                 tag = "" if dtype == auto else f".{dtype}"
                 run = replace(config, impl="fast", dtype=dtype,
                               out_dir=str(folder / f"{preset}-{dtype}"))  # fmt: skip
-                ours = results.get(f"{preset}.fast") if dtype == auto else None
-                ours = ours or time_steps(run, args.steps, peaks[dtype], best)
+                if dtype == auto:  # timed above as the "fast" row
+                    ours = results[f"{preset}.fast"]
+                else:
+                    ours = time_steps(run, args.steps, peaks[dtype], best)
                 theirs = time_transformers_steps(run, args.steps, peaks[dtype], best)
                 ours["vs_transformers"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
                 results[f"{preset}.fast{tag}"] = ours

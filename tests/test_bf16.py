@@ -4,7 +4,7 @@ References: the same run in float32 (losses step by step), the float32 model's l
 and greedy tokens, and the CPU flags `weights_dtype` reads (mocked both ways). bf16
 keeps 8 bits of mantissa (relative rounding 2^-9, about 0.2 %), so the losses of a run
 drift apart slowly and logits differ in their third digit; the tolerances below are a
-few times what was measured (in the test names' comments).
+few times what was measured (in the comments beside them).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ RUN = TrainConfig(batch_size=8, max_steps=50, eval_interval=50, eval_steps=2,
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, monkeypatch_module) -> dict[str, tuple[Trainer, list]]:
+def runs(tmp_path_factory, cache) -> dict[str, tuple[Trainer, list]]:
     """The same 50 steps of the tiny preset in float32 and under bf16 autocast."""
     out = {}
     for dtype in ("float32", "bfloat16"):
@@ -38,7 +38,7 @@ def runs(tmp_path_factory, monkeypatch_module) -> dict[str, tuple[Trainer, list]
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module(tmp_path_factory):
+def cache(tmp_path_factory):
     """The embedded corpus's tokenizer cached once for the module, as other tests do."""
     with pytest.MonkeyPatch.context() as patch:
         cache = tmp_path_factory.getbasetemp() / "buildllm-cache"

@@ -265,8 +265,8 @@ def train_genre_classifier(
         done = stamp.is_file() and json.loads(stamp.read_text()) == _plain(wanted)
         if not done:
             remove_run_files(out_dir)  # the run's own files, nothing the user put there
-            for name in (SPEC, SETTINGS):
-                (out_dir / name).unlink(missing_ok=True)
+            for written in (SPEC, SETTINGS):
+                (out_dir / written).unlink(missing_ok=True)
             base = load_model(base_dir)
             finetune_classifier(
                 base,
