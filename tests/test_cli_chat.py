@@ -162,6 +162,40 @@ def test_finetune_sft_then_dpo_through_the_command_line(runs, tmp_path, capsys):
     assert capsys.readouterr().out == reference_reply(dpo, messages, 6) + "\n"
 
 
+@pytest.mark.slow
+def test_finetune_sft_starts_from_a_hugging_face_gpt2_folder(tmp_path, capsys):
+    """The GPU path of Chapter 9 (GPT-2 124M from a local folder), on a random GPT-2."""
+    transformers = pytest.importorskip("transformers")
+    from buildllm.checkpoint import load_model, read_metrics
+    from buildllm.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    )
+    hf.save_pretrained(tmp_path / "gpt2")
+    sft = tmp_path / "sft"
+    argv = ["finetune", "sft", "--checkpoint", str(tmp_path / "gpt2"), "--out-dir",
+            str(sft), "--examples-per-task", "4", "--max-steps", "8", "--batch-size",
+            "4", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    evaluated = [r["val_loss"] for r in read_metrics(sft) if "val_loss" in r]
+    assert evaluated[-1] < evaluated[0]
+    tokenizer = BPETokenizer.load(sft / "tokenizer.json")
+    gpt2 = gpt2_tokenizer()
+    chat_ids = sorted(add_chat_tokens(gpt2).special_tokens.values())
+    assert sorted(tokenizer.special_tokens.values()) == chat_ids  # after GPT-2's ids
+    assert tokenizer.encode_ordinary(TEXT[:80]) == gpt2.encode_ordinary(TEXT[:80])
+    model = load_model(sft)
+    assert model.config.vocab_size >= chat_ids[-1] + 1
+    assert model.config.context_length == hf.config.n_positions
+    messages = [{"role": "user", "content": "Hello."}]
+    assert main(["chat", "--checkpoint", str(sft), "--max-new-tokens", "6",
+                 "--message", "Hello."]) == 0  # fmt: skip
+    assert capsys.readouterr().out == reference_reply(sft, messages, 6) + "\n"
+
+
 def test_finetune_rejects_bad_sizes_in_one_line(runs, tmp_path, capsys):
     base, _ = runs
     argv = ["finetune", "sft", "--checkpoint", str(base), "--out-dir", str(tmp_path),

@@ -314,6 +314,12 @@ def test_the_readme_trains_samples_and_evaluates_your_own_text_as_written(
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"bits_per_byte: \d", out.stdout), out.stdout
+    (chat,) = [b for b in readme_blocks("bash") if "buildllm chat" in b]
+    out = subprocess.run(
+        ["bash", "-e", "-c", chat], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sft: 10 steps" in out.stdout and out.stdout.endswith("\n"), out.stdout
     for i, block in enumerate(python):  # here: no second start of Python and torch
         (tmp_path / f"readme_{i}.py").write_text(block, encoding="utf-8")
         runpy.run_path(str(tmp_path / f"readme_{i}.py"), run_name="__main__")

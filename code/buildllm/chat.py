@@ -145,6 +145,44 @@ def pad_batch(
     return x, y
 
 
+def pack_batch(
+    examples: Sequence[tuple[Tensor, Tensor]], context_length: int, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pack (x, y) pairs into as few rows of at most `context_length` tokens as fit.
+
+    Rows are filled first-fit, longest pair first. Each pair attends only to its own
+    tokens (the returned mask) and its positions start at 0, so its logits are exactly
+    those it gets alone or in `pad_batch`: packing only saves the padded positions.
+    Shapes: pairs of (T_i,), T_i <= context_length -> x, y, positions (R, T) and
+    mask (R, 1, T, T) bool (True = may attend; pass it to GPT with the positions).
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []  # tokens left in each row
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
+        n = len(examples[i][0])
+        row = next((r for r, left in enumerate(free) if left >= n), len(rows))
+        if row == len(rows):
+            rows.append([])
+            free.append(context_length)
+        rows[row].append(i)
+        free[row] -= n
+    T = context_length - min(free)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (R, T)
+    positions = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
+    pair = torch.full((len(rows), T), -1)  # (R, T): which pair a token is; -1 padding
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            xi, yi = examples[i]
+            span = slice(at, at + len(xi))
+            x[r, span], y[r, span], pair[r, span] = xi, yi, i
+            positions[r, span] = torch.arange(len(xi))
+            at += len(xi)
+    mask = pair[:, None, :, None] == pair[:, None, None, :]  # (R, 1, T, T)
+    return x, y, positions, mask
+
+
 @torch.no_grad()
 def resize_vocab(model: GPT, vocab_size: int) -> GPT:
     """Return a copy of `model` with room for `vocab_size` tokens, old rows unchanged.

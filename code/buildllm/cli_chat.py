@@ -201,12 +201,17 @@ def add_chat_stages(stages: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  buildllm finetune sft --checkpoint runs/tiny --out-dir runs/sft\n"
         "  buildllm finetune sft --checkpoint runs/tiny --data alpaca.json "
-        "--out-dir runs/alpaca",
+        "--out-dir runs/alpaca\n"
+        "  buildllm finetune sft --checkpoint ~/gpt2 --device cuda --out-dir "
+        "runs/gpt2-chat  # a Hugging Face GPT-2 folder",
     )
     sft.add_argument("--data", default="tasks",
                      help="'tasks', or a .json (Alpaca) / .jsonl (chat) file or URL")  # fmt: skip
     sft.add_argument("--sha256", default=None, help="expected hash of a --data URL")
     sft.add_argument("--max-lr", type=float, default=2e-3, help="peak learning rate")
+    sft.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                     help="pack each batch's conversations into full rows (same "
+                     "loss, fewer padded positions)")  # fmt: skip
     sft.set_defaults(handler=run_finetune, stage="sft", max_steps_default=300)
     dpo = stages.add_parser(
         "dpo",
@@ -219,16 +224,17 @@ def add_chat_stages(stages: argparse._SubParsersAction) -> None:
         "  buildllm finetune dpo --checkpoint runs/sft --out-dir runs/dpo --beta 0.1",
     )
     dpo.add_argument("--beta", type=float, default=0.1, help="DPO's beta (eq-dpo)")
-    dpo.add_argument("--max-lr", type=float, default=5e-4, help="peak learning rate")
-    dpo.set_defaults(handler=run_finetune, stage="dpo", max_steps_default=60)
+    dpo.add_argument("--max-lr", type=float, default=1e-5, help="peak learning rate")
+    dpo.set_defaults(handler=run_finetune, stage="dpo", max_steps_default=20)
     for p, per_task in ((sft, 300), (dpo, 40)):
         p.add_argument("--checkpoint", required=True, metavar="RUN",
-                       help="the run to start from (its out_dir or a checkpoint)")  # fmt: skip
+                       help="the run to start from (its out_dir or a checkpoint), or "
+                       "a Hugging Face GPT-2 folder")  # fmt: skip
         p.add_argument("--out-dir", required=True, help="where the new run is written")
         p.add_argument("--examples-per-task", type=int, default=per_task,
                        help="training examples of each instruction task")  # fmt: skip
         p.add_argument("--max-steps", type=int, default=None,
-                       help="optimizer steps (default: 300 for sft, 60 for dpo)")  # fmt: skip
+                       help="optimizer steps (default: 300 for sft, 20 for dpo)")  # fmt: skip
         p.add_argument("--batch-size", type=int, default=32 if p is sft else 16,
                        help="conversations (sft) or pairs (dpo) per step")  # fmt: skip
         p.add_argument("--seed", type=int, default=1337, help="data order and draws")
@@ -242,14 +248,16 @@ def run_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from buildllm.chat import add_chat_tokens, resize_vocab
-    from buildllm.cli_sample import load_cli_model, run_tokenizer
+    from buildllm.classify_run import load_base
+    from buildllm.distributed import resolve_device
     from buildllm.instructions import build_examples, generate_answers
     from buildllm.train import TrainConfig, Trainer
 
     if args.examples_per_task < 1 or args.batch_size < 1:
         raise ValueError("--examples-per-task and --batch-size must be at least 1")
-    model = load_cli_model(args.checkpoint, None, args.device)
-    tokenizer = add_chat_tokens(run_tokenizer(args.checkpoint))
+    device = resolve_device(args.device)
+    model, pretrained_tokenizer = load_base(args.checkpoint, device)  # run or HF folder
+    tokenizer = add_chat_tokens(pretrained_tokenizer)
     model = resize_vocab(model, max(tokenizer.vocab_size, model.config.vocab_size))
     T = model.config.context_length
     val = build_examples("test", 8, seed=args.seed)
@@ -264,7 +272,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
             train = load_conversations(args.data, args.sha256)
         objective = SFTObjective(tokenizer, train, [e.messages() for e in val], T,
-                                 args.batch_size, seed=args.seed)  # fmt: skip
+                                 args.batch_size, seed=args.seed,
+                                 packing=args.packing)  # fmt: skip
     else:
         from buildllm.dpo import DPOObjective, make_pairs
 
@@ -280,7 +289,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         max_steps=steps, max_lr=args.max_lr, min_lr=args.max_lr / 10,
         warmup_steps=min(10, steps // 10), eval_interval=max(1, steps // 4),
         checkpoint_interval=steps, sample_tokens=None, seed=args.seed,
-        device=args.device, dtype="float32" if args.device == "cpu" else "auto",
+        device=device, dtype="float32" if device == "cpu" else "auto",
     )  # fmt: skip  # CPU bf16 autocast: ~10x slower on the tiny model's matmuls
     records = Trainer(config, objective=objective, model=model).fit()
     last = records[-1]

@@ -2,8 +2,9 @@
 
 Taught in Chapter 9 (Following Instructions). SFT is pretraining's loss on other data:
 each conversation is rendered by the chat template, the targets outside the assistant's
-turns are IGNORE_INDEX, and a micro-batch pads its conversations on the right to the
-longest of them (exact without an attention mask: causal attention never looks right).
+turns are IGNORE_INDEX, and a micro-batch packs its conversations into rows of the
+context length, each attending only to itself (`chat.pack_batch`), or pads them on the
+right to the longest (exact without a mask: causal attention never looks right).
 The Trainer's loop, clipping, schedule and checkpoints run unchanged (Ouyang et al.
 2022, arXiv:2203.02155, step 1).
 """
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from buildllm.chat import Message, loss_targets, pad_batch, render_chat
+from buildllm.chat import Message, loss_targets, pack_batch, pad_batch, render_chat
 from buildllm.distributed import DistInfo
 from buildllm.optim import cross_entropy
 from buildllm.tokenizer import BPETokenizer
@@ -50,8 +51,10 @@ class SFTObjective:
 
     Each optimizer step draws batch_size x grad_accum_steps conversations at random
     (with a generator seeded by `seed`), the same on every process, which keeps its
-    share of the micro-batches; validation runs over `val` in fixed batches. The loss
-    is the mean cross-entropy over the assistant tokens of a micro-batch.
+    share of the micro-batches; validation runs over `val` in fixed, padded batches.
+    The loss is the mean cross-entropy over the assistant tokens of a micro-batch;
+    `packing` (the default) packs a micro-batch into full rows, which changes only the
+    speed.
     """
 
     def __init__(
@@ -65,8 +68,10 @@ class SFTObjective:
         seed: int = 1337,
         impl: Literal["manual", "fast"] = "fast",
         dist: DistInfo | None = None,
+        packing: bool = True,
     ) -> None:
         self.tokenizer, self.impl, self.dist = tokenizer, impl, dist or DistInfo()
+        self.context_length, self.packing = context_length, packing
         if grad_accum_steps % self.dist.world_size:
             raise ValueError(
                 f"grad_accum_steps={grad_accum_steps} must be a multiple of the "
@@ -80,20 +85,29 @@ class SFTObjective:
         mean_len = sum(len(x) for x, _ in self.train) / len(self.train)
         self.tokens_per_step = math.ceil(batch_size * grad_accum_steps * mean_len)
 
-    def next(self) -> list[tuple[Tensor, Tensor]]:
-        """Shapes: -> this process's micro-batches x, y (B, T) int64, right-padded."""
+    def next(self) -> list[tuple[Tensor, ...]]:
+        """Return this process's micro-batches, packed or (without `packing`) padded.
+
+        Packed (`pack_batch`): x, y, positions (R, T) and mask (R, 1, T, T), the
+        conversations in rows of at most context_length; padded (`pad_batch`): x, y
+        (B, T), right-padded. The same tokens and the same loss; packing computes
+        fewer padded positions.
+        """
         A, B = self.grad_accum_steps, self.batch_size
         rows = torch.randint(len(self.train), (A, B), generator=self.generator)
         share = A // self.dist.world_size
         mine = rows[self.dist.rank * share : (self.dist.rank + 1) * share]
-        return [
-            pad_batch([self.train[i] for i in r], self.pad_id) for r in mine.tolist()
-        ]
+        drawn = [[self.train[i] for i in r] for r in mine.tolist()]
+        if self.packing:
+            return [pack_batch(d, self.context_length, self.pad_id) for d in drawn]
+        return [pad_batch(d, self.pad_id) for d in drawn]
 
     def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-        """Shapes: batch x, y (B, T) -> mean cross-entropy of the assistant tokens."""
-        x, y = batch
-        return cross_entropy(model(x), y, impl=self.impl)  # ignores IGNORE_INDEX
+        """Shapes: batch x, y (B, T) [, positions, mask] -> mean over assistant tokens."""
+        x, y, *packed = batch
+        positions, mask = packed or (None, None)
+        logits = model(x, mask=mask, positions=positions)  # (B, T, V)
+        return cross_entropy(logits, y, impl=self.impl)  # ignores IGNORE_INDEX
 
     def val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Shapes: -> x, y (B, T); the validation conversations in order, every time."""
