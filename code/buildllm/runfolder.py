@@ -19,7 +19,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -204,9 +204,9 @@ def check_out_dir(
         )
 
 
-def remove_run_files(out_dir: str | Path) -> None:
-    """Delete the files a run writes (`RUN_FILES`) and nothing else in `out_dir`."""
-    for name in RUN_FILES:
+def remove_run_files(out_dir: str | Path, extra: Sequence[str] = ()) -> None:
+    """Delete the files a run writes (`RUN_FILES` and `extra`), nothing else there."""
+    for name in (*RUN_FILES, *extra):
         path = Path(out_dir) / name
         if path.is_dir():
             shutil.rmtree(path)
