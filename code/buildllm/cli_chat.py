@@ -209,9 +209,13 @@ def add_chat_stages(stages: argparse._SubParsersAction) -> None:
                      help="'tasks', or a .json (Alpaca) / .jsonl (chat) file or URL")  # fmt: skip
     sft.add_argument("--sha256", default=None, help="expected hash of a --data URL")
     sft.add_argument("--max-lr", type=float, default=2e-3, help="peak learning rate")
-    sft.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
-                     help="pack each batch's conversations into full rows (same "
-                     "loss, fewer padded positions)")  # fmt: skip
+    sft.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pack each batch's conversations into full rows (same loss, fewer "
+        "padded positions)",
+    )
     sft.set_defaults(handler=run_finetune, stage="sft", max_steps_default=300)
     dpo = stages.add_parser(
         "dpo",
@@ -271,9 +275,15 @@ def run_finetune(args: argparse.Namespace) -> int:
             from buildllm.chat import load_conversations
 
             train = load_conversations(args.data, args.sha256)
-        objective = SFTObjective(tokenizer, train, [e.messages() for e in val], T,
-                                 args.batch_size, seed=args.seed,
-                                 packing=args.packing)  # fmt: skip
+        objective = SFTObjective(
+            tokenizer,
+            train,
+            [e.messages() for e in val],
+            T,
+            args.batch_size,
+            seed=args.seed,
+            packing=args.packing,
+        )
     else:
         from buildllm.dpo import DPOObjective, make_pairs
 
