@@ -6,11 +6,16 @@ model's logits (merged weights), torch.linalg.matrix_rank, autograd's .grad.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from buildllm.lora import (
+    DEFAULT_TARGETS,
+    LoRAEmbedding,
     LoRALinear,
     add_lora,
     count_lora_params,
@@ -118,8 +123,59 @@ def test_saved_adapters_hold_only_lora_tensors_and_load_into_a_fresh_wrap(tmp_pa
         load_adapters(other, path)
 
 
+def test_an_embedding_adapter_is_a_rank_r_update_of_the_one_hot_linear_map():
+    torch.manual_seed(3)
+    table = nn.Embedding(50, 8)
+    layer = LoRAEmbedding(table, rank=3, alpha=6.0)
+    idx = torch.randint(0, 50, (4, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(idx), table(idx), rtol=0, atol=0)  # A = 0
+        layer.lora_a.normal_()
+        # reference: a lookup is one_hot(idx) @ table, with table^T updated by (a/r) B A
+        updated = table.weight + (6.0 / 3 * layer.lora_b @ layer.lora_a).T  # (V, D)
+        by_hand = F.one_hot(idx, 50).float() @ updated
+        torch.testing.assert_close(layer(idx), by_hand, rtol=1e-5, atol=1e-5)
+        assert torch.linalg.matrix_rank(layer.delta_weight()) <= 3
+        layer.merge()
+        torch.testing.assert_close(table.weight, updated, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer(idx), by_hand, rtol=1e-5, atol=1e-5)
+    assert count_lora_params(nn.Sequential(layer)) == 3 * (50 + 8)
+
+
+def test_every_token_looked_up_gets_an_adapter_gradient_at_the_first_step():
+    torch.manual_seed(4)
+    layer = LoRAEmbedding(nn.Embedding(50, 8), rank=3, alpha=6.0)
+    idx = torch.tensor([[1, 7, 7, 20]])
+    layer(idx).square().sum().backward()  # loss depends on the table: A's grad is B^T g
+    seen = torch.zeros(50, dtype=torch.bool)
+    seen[idx.flatten()] = True
+    grad_norm = layer.lora_a.grad.norm(dim=0)  # (V,) one per token column
+    assert (grad_norm[seen] > 0).all() and (grad_norm[~seen] == 0).all()
+
+
+def test_lora_on_untied_token_embeddings_trains_only_adapters_and_merges_exactly():
+    torch.manual_seed(0)
+    model = GPT(replace(SMALL, tie_embeddings=False)).eval()
+    wrapped = add_lora(model, rank=2, targets=(*DEFAULT_TARGETS, "tok_emb"))
+    assert "tok_emb" in wrapped and isinstance(model.tok_emb, LoRAEmbedding)
+    _perturb(model)
+    idx = _ids()
+    model(idx).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == name.endswith(("lora_a", "lora_b")), name
+    with torch.no_grad():
+        adapted = model(idx)
+        merge_lora(model)
+        torch.testing.assert_close(model(idx), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_refuses_token_embeddings_tied_to_the_head():
+    with pytest.raises(ValueError, match="tok_emb is tied to the output head"):
+        add_lora(_model(), rank=2, targets=("tok_emb",))
+
+
 def test_bad_rank_and_unknown_targets_fail_with_the_fix():
     with pytest.raises(ValueError, match="rank=0 must be at least 1"):
         LoRALinear(nn.Linear(4, 4), rank=0, alpha=1.0)
-    with pytest.raises(ValueError, match="no nn.Linear named"):
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Embedding named"):
         add_lora(_model(), rank=2, targets=("q_proj",))

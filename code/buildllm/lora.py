@@ -11,14 +11,17 @@ Reference: Hu et al. 2021 (arXiv:2106.09685).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-# The Linear layers of a block (attention and MLP), by their names in model.py.
+# The Linear layers of a block (attention and MLP), by their names in model.py; add
+# "tok_emb" to adapt the token embeddings too (`LoRAEmbedding`).
 DEFAULT_TARGETS = ("w_qkv", "w_o", "w_up", "w_gate", "w_down")
 
 
@@ -33,14 +36,24 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
+        self._setup(base, rank, alpha, base.in_features, base.out_features)
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's init
+
+    def _setup(
+        self, base: nn.Module, rank: int, alpha: float, d_in: int, d_out: int
+    ) -> None:
         if rank < 1:
             raise ValueError(f"LoRA rank={rank} must be at least 1")
         self.base, self.rank, self.alpha = base, rank, alpha
         self.scaling = alpha / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's init
+        self.lora_a = nn.Parameter(torch.empty(rank, d_in))
+        self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
         self.merged = False
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight (with the update while merged), as the base has."""
+        return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
         """Shapes: x (..., in) -> (..., out), eq-lora."""
@@ -71,30 +84,80 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+class LoRAEmbedding(LoRALinear):
+    """An `nn.Embedding` plus a rank-`rank` update: the token table's own adapter.
+
+    A lookup is a Linear applied to a one-hot vector of the vocabulary's size, so
+    the update is the same (alpha/r)·B A with in = vocabulary, out = d_model; looking
+    token v up reads column v of A. The table stores one row per token, so the update
+    it holds when merged is (B A)^T.
+    Shapes: idx (...) int -> (..., D); lora_a (r, V), lora_b (D, r).
+    """
+
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float) -> None:
+        nn.Module.__init__(self)
+        self._setup(base, rank, alpha, base.num_embeddings, base.embedding_dim)
+        # Reversed from LoRALinear, as in the LoRA authors' loralib: a token's column
+        # of A starts at zero and B random, so B A = 0 still and each token looked up
+        # gets a gradient at once; with B = 0 it would wait for B to grow, and trains
+        # measurably worse. B's columns start at the size of the table's entries.
+        nn.init.zeros_(self.lora_a)
+        nn.init.normal_(self.lora_b, std=float(base.weight.detach().std()))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Shapes: idx (...) -> (..., D)."""
+        y = self.base(idx)  # (..., D)
+        if self.merged:
+            return y
+        a_x = F.embedding(idx, self.lora_a.T)  # (..., r): the columns of A
+        return y + a_x @ self.lora_b.T * self.scaling  # (..., D)
+
+    def delta_weight(self) -> Tensor:
+        """Return the update of the table, (alpha/r)·(B A)^T. Shapes: -> (V, D)."""
+        return super().delta_weight().T  # (V, D)
+
+
 def add_lora(
     model: nn.Module,
     rank: int,
     alpha: float = 16.0,
     targets: Sequence[str] = DEFAULT_TARGETS,
 ) -> list[str]:
-    """Freeze `model` and wrap each Linear named in `targets` in a `LoRALinear`.
+    """Freeze `model` and wrap each layer named in `targets` in an adapter.
 
-    Afterwards only the adapters train (unfreeze a new head yourself). Returns the
-    names of the wrapped layers. Raises ValueError if no Linear matches `targets`.
+    An `nn.Linear` becomes a `LoRALinear`, an `nn.Embedding` (e.g. "tok_emb") a
+    `LoRAEmbedding`. Afterwards only the adapters train (unfreeze a new head
+    yourself). Returns the names of the wrapped layers. Raises ValueError if no layer
+    matches `targets`, or for an embedding tied to the output head, whose merged
+    update would also change the head.
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                lora = LoRALinear(child, rank, alpha).to(child.weight.device)
-                setattr(module, child_name, lora)
-                wrapped.append(f"{name}.{child_name}" if name else child_name)
+            if child_name not in targets:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Embedding):
+                if shared[id(child.weight)] > 1:
+                    raise ValueError(
+                        f"{full} is tied to the output head: LoRA on it would change "
+                        "the head too; untie them first (classify.add_classifier_head "
+                        "does) or leave it out of targets"
+                    )
+                lora: LoRALinear = LoRAEmbedding(child, rank, alpha)
+            elif isinstance(child, nn.Linear):
+                lora = LoRALinear(child, rank, alpha)
+            else:
+                continue
+            setattr(module, child_name, lora.to(child.weight.device))
+            wrapped.append(full)
     if not wrapped:
         raise ValueError(
-            f"no nn.Linear named one of targets={tuple(targets)} in the model; "
-            f"use names of its layers, e.g. {DEFAULT_TARGETS}"
+            f"no nn.Linear or nn.Embedding named one of targets={tuple(targets)} in "
+            f"the model; use names of its layers, e.g. {DEFAULT_TARGETS}"
         )
     return wrapped
 
@@ -117,7 +180,7 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def count_lora_params(model: nn.Module) -> int:
-    """Count the adapter parameters: r·(in + out) per wrapped Linear."""
+    """Count the adapter parameters: r·(in + out) per wrapped layer."""
     return sum(m.lora_a.numel() + m.lora_b.numel() for m in lora_layers(model))
 
 

@@ -96,7 +96,7 @@ class TrainConfig:
     out_dir: str = "runs/tiny"
     batch_size: int = 32
     grad_accum_steps: int = 1
-    max_steps: int = 200
+    max_steps: int = 600
     max_lr: float = 4e-3  # a 1M-parameter model takes larger steps than GPT-2 (6e-4)
     min_lr: float = 4e-4  # max_lr / 10 at the end of the cosine, as GPT-3
     warmup_steps: int = 20
