@@ -9,7 +9,9 @@ all of its validation works (`evaluate_loss` over consecutive windows, then
   --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000
   --dropout=0.0`: lr 1e-3 to 1e-4, 100 warmup steps, beta2 0.99, no biases), run with
   our GPT, which is nanoGPT's architecture, on characters (bytes: the corpus is ASCII).
-- "book": `TrainConfig()`, the run `train_tiny` does while the book builds.
+- "book": `TrainConfig()`, the run `train_tiny` does while the book builds, with its
+  schedule over 200 steps instead of 600: about the CPU time of nanoGPT's recipe, so
+  the two compare on equal compute.
 - with --sweep, variants of the book's recipe, each given the compute the book's run
   used: CPU seconds of this process, which other processes on a busy machine do not
   eat into as they do wall time (its steps come from a timed calibration, so every
@@ -38,7 +40,7 @@ from buildllm.evaluate import bits_per_byte, bytes_per_token, evaluate_loss
 from buildllm.model import GPTConfig, count_params
 from buildllm.train import TrainConfig, Trainer
 
-BOOK = TrainConfig(sample_tokens=None, device="cpu")
+BOOK = TrainConfig(sample_tokens=None, device="cpu", max_steps=200)  # nanoGPT's CPU time
 NANOGPT = replace(
     BOOK,
     model=GPTConfig(vocab_size=257, context_length=64, d_model=128, n_layers=4,
