@@ -10,7 +10,8 @@ Our model decodes with `matvec_layout` applied, as `buildllm sample` does on a C
 "cached_linear_layout" is the same cached decoding with nn.Linear's own layout. On a
 CPU with native bf16 (AVX512-BF16 or AMX) both also decode with bf16 weights
 ("cached_bf16", "transformers_cached_bf16"), as `buildllm sample --dtype bfloat16`
-does ("auto" decodes in float32 on a CPU: bf16 was measured slower there).
+does ("auto" decodes in float32 on a CPU: bf16 was measured slower there), and ours
+with int8 weights ("cached_int8", `buildllm sample --dtype int8`).
 Uncached decoding of the 124M model past 64 tokens would take most of an hour on a
 laptop CPU, so there it is estimated: one uncached step at sequence length L costs one
 forward pass over L tokens; the script times forward passes at a few L, interpolates,
@@ -38,6 +39,7 @@ from common import hf_gpt2
 from buildllm.distributed import cpu_has_bf16
 from buildllm.generate import generate, matvec_layout
 from buildllm.model import GPT, GPTConfig
+from buildllm.quantize import quantize_int8
 
 SHAPES = {  # benchmark name -> (preset, overrides)
     "tiny": ("tiny", {}),
@@ -93,6 +95,7 @@ def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
     reference = hf_gpt2(config) if hf else None
     bf16 = cpu_has_bf16()  # bf16 weights, as `buildllm sample --dtype bfloat16`
     model_bf16 = matvec_layout(copy.deepcopy(plain).to(torch.bfloat16)) if bf16 else None
+    model_int8 = quantize_int8(copy.deepcopy(plain))
     reference_bf16 = (
         copy.deepcopy(reference).to(torch.bfloat16) if bf16 and hf else None
     )
@@ -105,6 +108,7 @@ def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
         contenders = {
             "cached": lambda n=n: generate(model, idx, n, temperature=0),
             "cached_linear_layout": lambda n=n: generate(plain, idx, n, temperature=0),
+            "cached_int8": lambda n=n: generate(model_int8, idx, n, temperature=0),
         }
         if model_bf16 is not None:
             contenders["cached_bf16"] = lambda n=n: generate(
@@ -133,10 +137,12 @@ def bench_preset(name: str, lengths: list[int], full: bool, hf: bool) -> dict:
         row["cache_speedup"] = row["cached"] / row["uncached"]
         if "transformers_cached" in row:
             row["vs_transformers"] = row["cached"] / row["transformers_cached"]
+            row["int8_vs_transformers"] = row["cached_int8"] / row["transformers_cached"]
         if "transformers_cached_bf16" in row:
-            row["bf16_vs_transformers_bf16"] = (
-                row["cached_bf16"] / row["transformers_cached_bf16"]
-            )
+            for ours in ("bf16", "int8"):
+                row[f"{ours}_vs_transformers_bf16"] = (
+                    row[f"cached_{ours}"] / row["transformers_cached_bf16"]
+                )
         rows[str(n)] = row
         print(f"{name} {n}: {json.dumps(row)}", file=sys.stderr, flush=True)
     return {"tokens_per_s": rows, "params": model.num_params(),
@@ -162,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload = {
         "benchmark": "generate",
-        "setup": "random weights, float32 (and bf16 where native), batch 1, "
+        "setup": "random weights, float32 (and bf16 where native, and int8), batch 1, "
         f"one-token prompt, greedy; {torch.get_num_threads()} torch threads",
-        "targets": {"cache_speedup_at_1024": 5.0, "vs_transformers": 1.0},
+        "targets": {"cache_speedup_at_1024": 5.0, "vs_transformers": 1.0,
+                    "int8_vs_transformers": 2.0, "int8_vs_transformers_bf16": 1.2},
         "results": results,
     }
     text = json.dumps(payload, indent=1)

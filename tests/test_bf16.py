@@ -1,4 +1,4 @@
-"""bf16: training under autocast tracks float32, and bf16 weights decode as float32 does.
+"""bf16: training under autocast tracks float32; bf16 and int8 weights decode as float32.
 
 References: the same run in float32 (losses step by step), the float32 model's logits
 and greedy tokens, and the CPU flags `weights_dtype` reads (mocked both ways). bf16
@@ -19,6 +19,7 @@ import torch
 from buildllm import distributed
 from buildllm.cli import main
 from buildllm.generate import generate
+from buildllm.quantize import Int8Linear, quantize_int8
 from buildllm.train import TrainConfig, Trainer
 
 RUN = TrainConfig(batch_size=8, max_steps=50, eval_interval=50, eval_steps=2,
@@ -58,19 +59,22 @@ def test_a_bf16_autocast_run_tracks_the_float32_losses_for_50_steps(runs):
     assert abs(val[1] - val[0]) < 0.2
 
 
-def test_bf16_weights_decode_the_float32_models_logits_and_greedy_tokens(runs):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_bf16_and_int8_weights_decode_the_float32_models_logits_and_tokens(runs, dtype):
     trainer = runs["float32"][0]
     model = trainer.model.eval()
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    low = copy.deepcopy(model)
+    low = quantize_int8(low) if dtype == "int8" else low.to(torch.bfloat16)
     window = torch.as_tensor(np.asarray(trainer.objective.val_tokens[:64], np.int64))[None]
     with torch.no_grad():
-        want, got = model(window), bf16(window).float()  # (1, T, V)
+        want, got = model(window), low(window).float()  # (1, T, V)
     scale = want.std().item()
-    assert (got - want).abs().max().item() < 0.1 * scale  # measured: 0.02 of the std
+    # measured: at most 0.02 of the std (bf16), 0.023 (int8)
+    assert (got - want).abs().max().item() < 0.1 * scale
     prompt = window[:, :16]
     tokens = {name: generate(m, prompt, 8, temperature=0)[0, 16:].tolist()
-              for name, m in (("fp32", model), ("bf16", bf16))}  # fmt: skip
-    assert tokens["bf16"] == tokens["fp32"]
+              for name, m in (("fp32", model), (dtype, low))}  # fmt: skip
+    assert tokens[dtype] == tokens["fp32"]
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -91,14 +95,26 @@ def test_sample_holds_the_weights_in_the_dtype_asked_for(runs, monkeypatch, caps
 
     def spy(*args):
         model = real(*args)
-        seen.append(next(model.parameters()).dtype)
+        seen.append((next(model.parameters()).dtype, type(model.lm_head)))
         return model
 
     monkeypatch.setattr(cli_sample, "load_cli_model", spy)
     run = runs["float32"][0].out_dir
-    for dtype in ("bfloat16", "float32"):
+    for dtype in ("bfloat16", "float32", "int8"):
         argv = ["sample", "--checkpoint", str(run), "--max-new-tokens", "3",
                 "--device", "cpu", "--dtype", dtype, "--prompt", "ROMEO:"]  # fmt: skip
         assert main(argv) == 0
-    assert seen == [torch.bfloat16, torch.float32]
-    assert capsys.readouterr().out.count("ROMEO:") == 2
+    assert seen == [
+        (torch.bfloat16, torch.nn.Linear),
+        (torch.float32, torch.nn.Linear),
+        (torch.float32, Int8Linear),
+    ]
+    assert capsys.readouterr().out.count("ROMEO:") == 3
+
+
+def test_int8_off_the_cpu_is_a_one_line_usage_error(runs, monkeypatch, capsys):
+    monkeypatch.setattr(distributed, "resolve_device", lambda device: "cuda")
+    argv = ["sample", "--checkpoint", str(runs["float32"][0].out_dir), "--dtype", "int8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--dtype int8" in err and "--device cpu" in err

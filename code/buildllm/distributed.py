@@ -54,6 +54,7 @@ PEAK_FLOPS = {
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # the --device choices of every command
 DTYPES = ("auto", "float32", "bfloat16")  # the --dtype choices
+DECODE_DTYPES = (*DTYPES, "int8")  # decoding's: int8 weights too (`quantize.py`)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -182,14 +183,15 @@ def autocast_for(
 
 
 def weights_dtype(
-    device: str, dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: str, dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
 ) -> torch.dtype:
-    """Return the dtype to hold a model's weights in for decoding on `device`.
+    """Return the dtype to load a model's weights in for decoding on `device`.
 
     Decoding one token reads every weight once, so bf16 weights halve the bytes read.
     "auto" is bf16 on CUDA and float32 on a CPU, even one with native bf16: there
     PyTorch's bf16 matrix-vector products were measured slower than float32 ones
     (Appendix B: 124M cached decoding 0.6-0.9x as fast on an AMX Xeon, torch 2.13).
+    "int8" loads float32, which `quantize.quantize_int8` then rounds to int8.
     Training keeps float32 weights and uses `autocast_for` instead.
     """
     use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.startswith("cuda"))
