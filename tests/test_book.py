@@ -148,3 +148,21 @@ def test_api_reference_lists_every_public_class_function_and_method(public_api):
         if f'href="{page.name}"' not in index.read_text():
             missing.append(f"{module} (no link from the API reference index)")
     assert not missing, f"not in the API reference: {missing}"
+
+
+def test_pdf_prints_the_solutions_in_their_appendix_and_each_exercise_its_page(pdf):
+    pages = [page.extract_text() or "" for page in pdf.pages]
+    folio = [t.strip().splitlines()[-1].strip() if t.strip() else "" for t in pages]
+    start = next(i for i, t in enumerate(pages) if re.search(r"APPENDIX C\s+Solutions", t))
+    before = "\n".join(pages[:start])
+    assert "Solution to Exercise" not in before  # none left beside its exercise
+    solved = [  # the printed page of each solution, in book order
+        folio[i]
+        for i in range(start, len(pages))
+        for _ in re.finditer(r"Solution to Exercise [0-9A-Z]+\.\d+", pages[i])
+    ]
+    sources = (ROOT / "book").glob("*.md")
+    in_sources = sum(path.read_text().count("{solution-start}") for path in sources)
+    assert len(solved) == in_sources > 0
+    # each exercise says where its solution is printed, in the same order
+    assert re.findall(r"Solution on page (\d+)", before) == solved

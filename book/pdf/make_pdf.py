@@ -321,6 +321,40 @@ def toc_page(soup: BeautifulSoup, chapters: list[tuple[str, Tag, str]]) -> Tag:
     return nav
 
 
+def solutions_appendix(soup: BeautifulSoup, chapters: list[tuple[str, Tag, str]]) -> Tag:
+    """Move every exercise's solution into one article, "Solutions", grouped by chapter.
+
+    A printed exercise then reads without its answer on the same page; each exercise
+    gains a line pointing at its solution's page, and each solution's title already
+    links back to its exercise. The website keeps them in dropdowns in place.
+    """
+    article = soup.new_tag("div")
+    heading = soup.new_tag("h1")
+    heading.string = "Solutions"
+    article.append(heading)
+    for key, chapter, _ in chapters:
+        solutions = chapter.select("div.solution")
+        if not solutions:
+            continue
+        number = chapter.find("h1").find("span", class_="section-number")
+        label = number.get_text(strip=True).rstrip(".") if number else ""
+        kind = "Appendix" if label.isalpha() else "Chapter"
+        h2 = soup.new_tag("h2", id=f"solutions--{key}")
+        h2.string = f"Exercises of {kind} {label}"
+        article.append(h2)
+        for solution in solutions:
+            back = solution.select_one("p.admonition-title a[href^='#']")
+            exercise = back and chapter.find(id=back["href"][1:])
+            if exercise is not None and solution.get("id"):
+                pointer = soup.new_tag("p", attrs={"class": "solution-pointer"})
+                link = soup.new_tag("a", href=f"#{solution['id']}")
+                link.string = "Solution on page "
+                pointer.append(link)
+                exercise.append(pointer)
+            article.append(solution.extract())
+    return article
+
+
 def assemble(html_dir: Path, toc_file: Path, config: dict) -> str:
     docs = toc_docs(toc_file)
     keys = {doc: doc_key(doc) for doc, _ in docs}
@@ -353,6 +387,9 @@ def assemble(html_dir: Path, toc_file: Path, config: dict) -> str:
         wrap_uncovered(soup, article, coverage)
         chapters.append((keys[doc], article, part))
     render_math(soup, [a for _, a, _ in chapters])
+    solutions = solutions_appendix(soup, chapters)
+    last_appendix = max(i for i, (_, _, part) in enumerate(chapters) if part != "back")
+    chapters.insert(last_appendix + 1, ("solutions", solutions, "appendix"))
     soup.html["data-theme"] = "light"  # pygments colours apply under the light theme
     body = soup.body
     body.append(title_page(soup, config))
