@@ -72,10 +72,13 @@ def letter_appendices(app, env):
             for ident, number in numbers.items():
                 if number:
                     numbers[ident] = (letter, *number[1:])
-        # The sidebar and the page's contents list read the numbers off the toc nodes.
-        for ref in env.tocs[doc].findall(nodes.reference) if doc in env.tocs else ():
-            if ref.get("secnumber"):
-                ref["secnumber"] = (letter, *ref["secnumber"][1:])
+        # The sidebar and the page's contents list read the numbers off the toc nodes;
+        # the tab title, the prev/next links and the search index off the title's.
+        toc_refs = env.tocs[doc].findall(nodes.reference) if doc in env.tocs else ()
+        titles = (env.titles.get(doc), env.longtitles.get(doc))  # often one node
+        for node in (*toc_refs, *titles):
+            if node is not None and node.get("secnumber"):
+                node["secnumber"] = (letter, *node["secnumber"][1:])
     return []
 
 
