@@ -8,6 +8,7 @@
 - The package's code names the equations it implements by their labels
   (`# eq-cross-entropy`); in the listings and cells of the book such a label reads as
   the equation's printed number, "Eq. (5.2)".
+- The banner's and the header's links to the PDF resolve from every page.
 """
 
 from __future__ import annotations
@@ -118,8 +119,31 @@ def number_equation_labels(app, doctree, docname):
             block.children = [nodes.Text(new)]
 
 
+# A link to a file of the site: no scheme, not from the server's root, not an anchor.
+SITE_FILE = re.compile(r"(?![a-z][a-z0-9+.-]*:|/|#)")
+
+
+def link_from_page(app, pagename, templatename, context, doctree):
+    """Make the banner's and the header icons' links, written from the site root,
+    relative to the page: they resolve from book/api/ and from search.html alike."""
+
+    def relative(url: str) -> str:
+        return context["pathto"](url, 1) if SITE_FILE.match(url) else url
+
+    context["theme_announcement"] = re.sub(
+        r'href="([^"]*)"',
+        lambda m: f'href="{relative(m[1])}"',
+        context.get("theme_announcement") or "",
+    )
+    context["theme_icon_links"] = [
+        {**link, "url": relative(link["url"])}
+        for link in context.get("theme_icon_links") or []
+    ]
+
+
 def setup(app):
     app.add_config_value("appendix_docs", [], "env")
     app.connect("env-get-updated", letter_appendices, priority=900)
     app.connect("doctree-resolved", number_equation_labels)
+    app.connect("html-page-context", link_from_page)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
