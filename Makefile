@@ -70,7 +70,7 @@ html: _build/html/.stamp
 
 $(PDF): _build/html/.stamp node_modules/.stamp book/pdf/make_pdf.py book/pdf/print.css book/pdf/tex2svg.js | syslibs
 	$(BIN)/python book/pdf/make_pdf.py _build/html $(PDF)
-	cp $(PDF) _build/html/book/  # beside the pages, whose footers link it
+	install -m 644 $(PDF) _build/html/book/  # beside the pages; world-readable to serve
 
 pdf: $(PDF)
 	@echo "website: _build/html/index.html"

@@ -8,6 +8,8 @@
 - The package's code names the equations it implements by their labels
   (`# eq-cross-entropy`); in the listings and cells of the book such a label reads as
   the equation's printed number, "Eq. (5.2)".
+- The banner's and the header's links to the PDF resolve from every page, and each script
+  is listed once (see `drop_repeated_scripts`).
 """
 
 from __future__ import annotations
@@ -72,10 +74,13 @@ def letter_appendices(app, env):
             for ident, number in numbers.items():
                 if number:
                     numbers[ident] = (letter, *number[1:])
-        # The sidebar and the page's contents list read the numbers off the toc nodes.
-        for ref in env.tocs[doc].findall(nodes.reference) if doc in env.tocs else ():
-            if ref.get("secnumber"):
-                ref["secnumber"] = (letter, *ref["secnumber"][1:])
+        # The sidebar and the page's contents list read the numbers off the toc nodes;
+        # the tab title, the prev/next links and the search index off the title's.
+        toc_refs = env.tocs[doc].findall(nodes.reference) if doc in env.tocs else ()
+        titles = (env.titles.get(doc), env.longtitles.get(doc))  # often one node
+        for node in (*toc_refs, *titles):
+            if node is not None and node.get("secnumber"):
+                node["secnumber"] = (letter, *node["secnumber"][1:])
     return []
 
 
@@ -115,8 +120,47 @@ def number_equation_labels(app, doctree, docname):
             block.children = [nodes.Text(new)]
 
 
+# A link to a file of the site: no scheme, not from the server's root, not an anchor.
+SITE_FILE = re.compile(r"(?![a-z][a-z0-9+.-]*:|/|#)")
+
+
+def link_from_page(app, pagename, templatename, context, doctree):
+    """Make the banner's and the header icons' links, written from the site root,
+    relative to the page: they resolve from book/api/ and from search.html alike."""
+
+    def relative(url: str) -> str:
+        return context["pathto"](url, 1) if SITE_FILE.match(url) else url
+
+    context["theme_announcement"] = re.sub(
+        r'href="([^"]*)"',
+        lambda m: f'href="{relative(m[1])}"',
+        context.get("theme_announcement") or "",
+    )
+    context["theme_icon_links"] = [
+        {**link, "url": relative(link["url"])}
+        for link in context.get("theme_icon_links") or []
+    ]
+
+
+def drop_repeated_scripts(app, pagename, templatename, context, doctree):
+    """Keep one copy of each script. Sphinx 7.4 lists an inline script that an extension
+    adds after the builder starts twice (once as file None, once as ""), and
+    sphinx-thebe's `const THEBE_JS_URL`, declared twice, is a SyntaxError on each page."""
+    seen = set()
+    scripts = []
+    for script in context["script_files"]:
+        attributes = tuple(sorted(script.attributes.items()))
+        key = (script.filename or "", script.priority, attributes)
+        if key not in seen:
+            seen.add(key)
+            scripts.append(script)
+    context["script_files"] = scripts
+
+
 def setup(app):
     app.add_config_value("appendix_docs", [], "env")
     app.connect("env-get-updated", letter_appendices, priority=900)
     app.connect("doctree-resolved", number_equation_labels)
+    app.connect("html-page-context", link_from_page)
+    app.connect("html-page-context", drop_repeated_scripts)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

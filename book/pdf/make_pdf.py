@@ -425,6 +425,9 @@ def main(argv: list[str]) -> int:
         dir=pdf_path.parent, suffix=".pdf", delete=False
     ) as tmp:
         HTML(string=html, base_url=str(html_dir.resolve())).write_pdf(tmp.name)
+    # The temporary file is created 0600; the PDF is published: a web server running as
+    # another user must be able to read it.
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, pdf_path)  # atomic: a failed run never leaves half a PDF
     stamp_file.write_text(stamp)
     print(f"make_pdf: wrote {pdf_path}")
