@@ -8,8 +8,8 @@
 - The package's code names the equations it implements by their labels
   (`# eq-cross-entropy`); in the listings and cells of the book such a label reads as
   the equation's printed number, "Eq. (5.2)".
-- The banner's and the header's links to the PDF resolve from every page, and each script
-  is listed once (see `drop_repeated_scripts`).
+- The banner's and the header's links to the PDF resolve from every page, and each
+  script is listed once (see `drop_repeated_scripts`).
 """
 
 from __future__ import annotations
@@ -143,9 +143,12 @@ def link_from_page(app, pagename, templatename, context, doctree):
 
 
 def drop_repeated_scripts(app, pagename, templatename, context, doctree):
-    """Keep one copy of each script. Sphinx 7.4 lists an inline script that an extension
-    adds after the builder starts twice (once as file None, once as ""), and
-    sphinx-thebe's `const THEBE_JS_URL`, declared twice, is a SyntaxError on each page."""
+    """Keep one copy of each script.
+
+    Sphinx 7.4 lists an inline script that an extension adds after the builder starts
+    twice (once as file None, once as ""), and sphinx-thebe's `const THEBE_JS_URL`,
+    declared twice, is a SyntaxError on each page.
+    """
     seen = set()
     scripts = []
     for script in context["script_files"]:

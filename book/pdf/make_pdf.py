@@ -321,7 +321,9 @@ def toc_page(soup: BeautifulSoup, chapters: list[tuple[str, Tag, str]]) -> Tag:
     return nav
 
 
-def solutions_appendix(soup: BeautifulSoup, chapters: list[tuple[str, Tag, str]]) -> Tag:
+def solutions_appendix(
+    soup: BeautifulSoup, chapters: list[tuple[str, Tag, str]]
+) -> Tag:
     """Move every exercise's solution into one article, "Solutions", grouped by chapter.
 
     A printed exercise then reads without its answer on the same page; each exercise
