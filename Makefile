@@ -84,7 +84,15 @@ serve: html
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not book" -q -n 2
 
-check-pdf: pdf
+# Chromium for the checks that drive the site in a browser (tests/test_book.py); installed
+# with apt only when missing and root.
+.PHONY: browser
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else echo "make: the site's checks need Chromium (apt-get install chromium)" >&2; exit 1; fi; fi
+
+check-pdf: pdf browser
 	$(BIN)/python -m pytest -m book -q tests/test_book.py
 
 # Each named mutant of the orchestration (tests/mutants.py) must fail a test.

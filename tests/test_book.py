@@ -1,22 +1,34 @@
 """Checks on the built book: run after `make pdf` (`make check-pdf`, and `.ci/run`).
 
 The website must work offline and link the PDF; the PDF must have its outline, embedded
-fonts, rendered math and resolved references, and every chapter of `_toc.yml`.
+fonts, rendered math and resolved references, and every chapter of `_toc.yml`. The site
+is also driven in headless Chromium (the system's, by Playwright), as a reader sees it.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import stat
+import string
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
 PDF = ROOT / "_build" / "pdf" / "build-llm-from-scratch.pdf"
 
 pytestmark = pytest.mark.book
+PHONE = {"width": 400, "height": 900}
+DESKTOP = {"width": 1400, "height": 900}
+TIMEOUT_MS = 120_000  # a loaded 2-core machine takes over Playwright's 30 s at times
 
 
 def toc_files() -> list[str]:
@@ -166,3 +178,177 @@ def test_pdf_prints_the_solutions_in_their_appendix_and_each_exercise_its_page(p
     assert len(solved) == in_sources > 0
     # each exercise says where its solution is printed, in the same order
     assert re.findall(r"Solution on page (\d+)", before) == solved
+
+
+# ---- the site in a browser ----------------------------------------------------------
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # one line per request would bury a failure
+        pass
+
+
+@pytest.fixture(scope="module")
+def site():
+    """The built site over HTTP on 127.0.0.1, as a web server hands it to a reader."""
+    assert (HTML / "book" / "index.html").exists(), "run `make pdf` first"
+    handler = partial(QuietHandler, directory=str(HTML))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    assert chromium, "Chromium is missing: `make browser` installs it"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        expect.set_options(timeout=TIMEOUT_MS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url: str, viewport: dict):
+    """A new tab at `url`, loaded, its math typeset; `page.errors` collects what the
+    console reports as errors and the exceptions no script caught."""
+    page = browser.new_page(viewport=viewport)
+    page.errors = []
+
+    def console(message):
+        # Chromium's own probe for a site icon is not a resource of the page.
+        url = message.location.get("url", "")
+        if message.type == "error" and not url.endswith("/favicon.ico"):
+            page.errors.append(f"{message.text} ({url})")
+
+    page.on("console", console)
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)  # returns on the load event: every resource of the page fetched
+    page.evaluate("window.MathJax?.startup?.promise")
+    return page
+
+
+def test_phone_menus_open_the_chapters_and_the_page_contents(site, browser):
+    page = open_page(browser, f"{site}/book/02-architecture.html", PHONE)
+    chapters = page.locator("nav.bd-docs-nav a[href='01-tokenization.html']")
+    contents = page.locator("nav.page-toc a.nav-link").first
+    expect(chapters).not_to_be_in_viewport()
+    expect(contents).not_to_be_in_viewport()
+    page.locator(".primary-toggle:visible").click()
+    expect(chapters).to_be_visible()
+    expect(chapters).to_be_in_viewport(ratio=1)
+    page.keyboard.press("Escape")
+    expect(chapters).not_to_be_in_viewport()
+    page.locator(".secondary-toggle:visible").click()
+    expect(contents).to_be_visible()
+    expect(contents).to_be_in_viewport(ratio=1)
+    page.close()
+
+
+def test_desktop_header_has_one_search_box(site, browser):
+    page = open_page(browser, f"{site}/book/02-architecture.html", DESKTOP)
+    boxes = [".search-button", ".search-button-field", "input[type=search]"]
+    search = page.locator(", ".join(f"{box}:visible" for box in boxes))
+    assert search.count() == 1, f"{search.count()} search boxes on a desktop page"
+    page.close()
+
+
+def appendices() -> list[tuple[str, str]]:
+    """(letter, doc) of each appendix, in the order the book letters them."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    return list(
+        zip(string.ascii_uppercase, config["sphinx"]["config"]["appendix_docs"])
+    )
+
+
+def test_appendices_are_lettered_in_tab_titles_footers_and_search(site, browser):
+    index = (HTML / "searchindex.js").read_text()
+    index = json.loads(index[index.index("(") + 1 : index.rindex(")")])
+    searched = dict(zip(index["docnames"], index["titles"]))
+    docs = toc_files()
+    for letter, doc in appendices():
+        page = open_page(browser, f"{site}/{doc}.html", DESKTOP)
+        assert page.title().startswith(f"{letter}. "), page.title()
+        page.close()
+        before = docs[docs.index(doc) - 1]
+        page = open_page(browser, f"{site}/{before}.html", DESKTOP)
+        footer = page.locator("a.right-next .prev-next-title").inner_text()
+        assert footer.startswith(f"{letter}. "), f"{before}'s next link: {footer}"
+        page.close()
+        title = re.sub("<[^>]+>", "", searched[doc])
+        assert title.startswith(f"{letter}. "), f"the search index names {title!r}"
+
+
+@pytest.mark.parametrize(
+    "path", ["search.html", "genindex.html", "book/api/index.html"]
+)
+def test_pdf_link_resolves_from_every_folder(site, browser, path):
+    page = open_page(browser, f"{site}/{path}", DESKTOP)
+    links = page.eval_on_selector_all(
+        f"a[href$='{PDF.name}']", "as => as.map(a => a.href)"
+    )
+    assert links, f"{path} does not link the PDF"
+    for link in links:
+        response = page.request.get(link, timeout=TIMEOUT_MS)
+        assert response.ok and response.headers["content-type"] == "application/pdf", (
+            f"{path} links {link}: {response.status}"
+        )
+    page.close()
+
+
+def test_published_pdf_is_world_readable():
+    mode = (HTML / "book" / PDF.name).stat().st_mode
+    assert mode & stat.S_IROTH, f"the served PDF has mode {stat.filemode(mode)}"
+
+
+# Per display equation: does its box need scrolling, is it set to scroll, and does its
+# number cover any of it (the number's box against the visible part of the equation)?
+MATH_LAYOUT = """() => [...document.querySelectorAll("div.math")].map(box => {
+  const eq = box.querySelector("mjx-container"), number = box.querySelector(".eqno");
+  const a = eq.getBoundingClientRect(), b = number?.getBoundingClientRect();
+  return {
+    id: box.id,
+    overflows: eq.scrollWidth > eq.clientWidth + 1,
+    scrolls: ["auto", "scroll"].includes(getComputedStyle(eq).overflowX),
+    covered: !!b && b.left < a.right && a.left < b.right
+      && b.top < a.bottom && a.top < b.bottom,
+  };
+})"""
+
+
+def test_pages_fit_a_phone_and_display_math_is_whole_on_desktop(site, browser):
+    """On a phone no page is wider than the screen (a wide equation scrolls in its box);
+    on a desktop every equation shows whole; no equation number covers its equation."""
+    math_pages = [
+        doc
+        for doc in toc_files()
+        if 'class="math notranslate' in (HTML / f"{doc}.html").read_text()
+    ]
+    problems = []
+    for doc in math_pages:
+        for viewport in (DESKTOP, PHONE):
+            page = open_page(browser, f"{site}/{doc}.html", viewport)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            if width > viewport["width"]:
+                problems.append(f"{doc} is {width} px wide at {viewport['width']} px")
+            for eq in page.evaluate(MATH_LAYOUT):
+                where = f"{doc}#{eq['id']} at {viewport['width']} px"
+                if eq["covered"]:
+                    problems.append(f"{where}: its number covers it")
+                if eq["overflows"] and (viewport is DESKTOP or not eq["scrolls"]):
+                    problems.append(f"{where}: cut off")
+            page.close()
+    assert not problems, problems
+
+
+def test_pages_log_no_errors(site, browser):
+    errors = {}
+    for path in [f"{doc}.html" for doc in toc_files()] + ["search.html"]:
+        page = open_page(browser, f"{site}/{path}", PHONE)
+        if page.errors:
+            errors[path] = page.errors
+        page.close()
+    assert not errors, errors
