@@ -2,7 +2,7 @@
 
 References: hand-indexed logits, an unpadded forward of each text alone, scikit-learn's
 balanced class weights, an uninterrupted fine-tuning run (for resume), and a random
-GPT-2 in Hugging Face's format (the GPU path of Chapter 8, run on the CPU here).
+GPT-2 in Hugging Face's format (the GPU path of Chapter 9, run on the CPU here).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def test_finetune_sft_then_dpo_through_the_command_line(runs, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_finetune_sft_starts_from_a_hugging_face_gpt2_folder(tmp_path, capsys):
-    """The GPU path of Chapter 9 (GPT-2 124M from a local folder), on a random GPT-2."""
+    """The GPU path of Chapter 10 (GPT-2 124M from a local folder), on a random GPT-2."""
     transformers = pytest.importorskip("transformers")
     from buildllm.checkpoint import load_model, read_metrics
     from buildllm.tokenizer import gpt2_tokenizer

@@ -11,7 +11,9 @@ not this script, decides how pages look. The run is skipped when its input is un
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -291,6 +293,46 @@ def title_page(soup: BeautifulSoup, config: dict) -> Tag:
     return page
 
 
+def build_stamp() -> str:
+    """Say which sources this PDF was built from: the commit, marked when edited."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        edited = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True,
+        ).stdout.strip()
+    except OSError:  # no git: a copy of the sources without history
+        commit = edited = ""
+    if not commit:
+        return "built from sources outside git"
+    return f"built from commit {commit}" + (" with local changes" if edited else "")
+
+
+def copyright_page(soup: BeautifulSoup, config: dict) -> Tag:
+    """The back of the title page: copyright, licence, version and where the code is."""
+    meta = importlib.metadata.metadata("buildllm")
+    page = soup.new_tag("section", attrs={"class": "copyright-page"})
+    for text in [
+        f"{config.get('title', '')}, version {meta['Version']}, "
+        f"{build_stamp()} on {datetime.date.today():%d %B %Y}.",
+        f"© {config.get('copyright', '')} {config.get('author', '')}. The text and the "
+        f"code are released under the {meta['License-Expression']} licence.",
+        "Every listing is code of the Python package buildllm, in the folder "
+        "code/buildllm of the book's repository: pip install -e . in a clone installs "
+        "it, make test runs its tests and make pdf rebuilds this book from it, website "
+        "and PDF, running every chapter's code again.",
+        "Typeset with WeasyPrint in Source Serif 4, Source Sans 3 and Iosevka; "
+        "formulas drawn by MathJax.",
+    ]:
+        p = soup.new_tag("p")
+        p.string = text
+        page.append(p)
+    return page
+
+
 def toc_page(soup: BeautifulSoup, chapters: list[tuple[str, Tag, str]]) -> Tag:
     """Build the table of contents: chapters and their sections with page numbers."""
     nav = soup.new_tag("nav", attrs={"class": "toc"})
@@ -395,6 +437,7 @@ def assemble(html_dir: Path, toc_file: Path, config: dict) -> str:
     soup.html["data-theme"] = "light"  # pygments colours apply under the light theme
     body = soup.body
     body.append(title_page(soup, config))
+    body.append(copyright_page(soup, config))
     body.append(toc_page(soup, chapters))
     # One wrapper for all numbered chapters: a single page group, so arabic numbering
     # restarts at 1 once, on the first page of chapter 1.

@@ -1,6 +1,6 @@
 """Causal self-attention: written out and via SDPA, with RoPE, GQA and a KV cache.
 
-Taught in Chapter 3 (Self-Attention), top to bottom. Like GPT-2, one fused projection
+Taught in Chapter 4 (Self-Attention), top to bottom. Like GPT-2, one fused projection
 makes Q, K and V (one matmul instead of three); beyond GPT-2: optional rotary position
 embeddings (RoPE), grouped-query attention (fewer key/value heads than query heads) and
 a preallocated KV cache whose position the model, not the layer, advances.

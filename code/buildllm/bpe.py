@@ -1,6 +1,6 @@
 """BPE training: count pre-tokens once, in parallel, then merge pairs incrementally.
 
-Taught in Chapter 1 (Data and Tokenization) with `tokenizer.py`, which wraps these steps
+Taught in Chapter 2 (Data and Tokenization) with `tokenizer.py`, which wraps these steps
 in `BPETokenizer.train`. Text streams in chunks cut where pre-tokenization cannot
 change, so files are never read whole. Each merge updates pair counts only in the words
 that hold the pair; ties go to the pair whose bytes compare greatest. Reference:

@@ -1,6 +1,6 @@
 """The chat format: role tokens, a chat template, the assistant-only loss mask.
 
-Taught in Chapter 9 (Following Instructions), top to bottom. A conversation is a list
+Taught in Chapter 10 (Following Instructions), top to bottom. A conversation is a list
 of messages `{"role": "system" | "user" | "assistant", "content": str}`. Each message
 becomes its role token, its content encoded as plain text and a turn-end token, after
 one `<|endoftext|>` that starts the document, as in ChatML (OpenAI 2023) and nanochat.

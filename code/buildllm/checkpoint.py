@@ -1,6 +1,6 @@
 """Checkpoints: weights in safetensors, training state beside them, written atomically.
 
-Taught in Chapter 5 (Training, "Checkpoints and resuming"). A checkpoint is a folder
+Taught in Chapter 6 (Training, "Checkpoints and resuming"). A checkpoint is a folder
 `<out_dir>/checkpoints/step-NNNNNNN/` holding `model.safetensors` (weights + the model
 config as metadata: a file anyone can load without our code) and `state.pt` (optimizer
 moments, step, RNG states and data position: what an exact resume needs). The folder is

@@ -1,6 +1,6 @@
 """A classifier from a pretrained GPT: a new head, pooling, what trains, the objective.
 
-Taught in Chapter 8 (Classification). The language-model head (d_model -> vocabulary)
+Taught in Chapter 9 (Classification). The language-model head (d_model -> vocabulary)
 is replaced by a classification head (d_model -> classes), so the model gives class
 logits at every position; under causal attention only the last real token has seen the
 whole text, so its logits are the prediction ("last"; "mean" averages all real

@@ -1,6 +1,6 @@
 """Fine-tune, save, load and evaluate a classifier run on the Trainer.
 
-Taught in Chapter 8 (Classification). A run starts from a pretrained model (a
+Taught in Chapter 9 (Classification). A run starts from a pretrained model (a
 `buildllm train` run or GPT-2's Hugging Face folder), swaps its head
 (`classify.add_classifier_head`), chooses what trains (head, last-N blocks, all, or
 LoRA adapters) and trains with the same `Trainer` as pretraining, on a
@@ -73,7 +73,7 @@ class ClassifierSpec:
 
     `train` is "head", "last-N", "all" or "lora" (then `lora_rank` and `lora_alpha`
     size the adapters on `lora_targets`: the blocks' Linear layers and the token
-    table, which the new head leaves untied: on Chapter 8's genres its adapter makes
+    table, which the new head leaves untied: on Chapter 9's genres its adapter makes
     most of LoRA's accuracy); `class_weights` weighs the loss inversely to the
     training classes' frequencies.
     """

@@ -1,4 +1,4 @@
-"""The `buildllm chat` and `buildllm finetune sft|dpo` commands (Chapter 9).
+"""The `buildllm chat` and `buildllm finetune sft|dpo` commands (Chapter 10).
 
 Part of the command line (`cli.py` registers these parsers). `finetune sft` turns a
 pretrained run into a chat model (chat tokens, a grown embedding, SFT on the

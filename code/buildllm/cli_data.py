@@ -1,8 +1,8 @@
 """The `buildllm tokenize` and `buildllm data` commands: tokenizers and token files.
 
 Part of the command line (`cli.py` registers these parsers): `tokenize train|encode`
-wraps `BPETokenizer` (Chapter 1); `data list|download|prepare` wraps `data.py` and, for
-FineWeb-Edu shards, `shards.py` (Chapter 7). Results go to stdout, progress to stderr.
+wraps `BPETokenizer` (Chapter 2); `data list|download|prepare` wraps `data.py` and, for
+FineWeb-Edu shards, `shards.py` (Chapter 8). Results go to stdout, progress to stderr.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def add_tokenize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tokenize",
         help="train a BPE tokenizer, or encode text with one",
-        description="Train a byte-level BPE tokenizer (Chapter 1) or encode text into "
+        description="Train a byte-level BPE tokenizer (Chapter 2) or encode text into "
         "token ids. Choose an action; `buildllm tokenize ACTION --help` explains it.",
         epilog="examples:\n"
         "  buildllm tokenize train --vocab-size 4096 --output tok.json\n"
@@ -360,7 +360,7 @@ def run_data_prepare(args: argparse.Namespace) -> int:
     if any(Path(s).suffix == ".parquet" for s in sources if isinstance(s, Path)):
         raise ValueError(
             "parquet corpora are tokenized into shards by buildllm.shards "
-            "(Chapter 7); data prepare reads UTF-8 text files"
+            "(Chapter 8); data prepare reads UTF-8 text files"
         )
     tokenizer = load_tokenizer(args.tokenizer)
     paths = prepare(

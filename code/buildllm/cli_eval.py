@@ -2,7 +2,7 @@
 
 Part of the command line (`cli.py` registers this parser): `eval RUN` scores a run on
 its own validation split (loss, perplexity, bits per byte), `--task val --data` on
-held-out token files, `--task hellaswag` on HellaSwag (Chapter 7).
+held-out token files, `--task hellaswag` on HellaSwag (Chapter 8).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`buildllm finetune classify` and `buildllm classify`: fine-tune and use a classifier.
 
-Taught in Chapter 8 (Classification). `finetune classify` starts from a `buildllm
+Taught in Chapter 9 (Classification). `finetune classify` starts from a `buildllm
 train` run (or GPT-2's Hugging Face folder), trains a classification head with the
 chosen parameters (head, last-N blocks, all, or LoRA adapters) on the Trainer, and
 prints the test metrics beside the majority-class baseline; `classify` loads the
@@ -47,7 +47,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune a pretrained model for a task.",
     )
     tasks = p.add_subparsers(title="tasks", metavar="TASK", required=True)
-    add_chat_stages(tasks)  # sft and dpo (Chapter 9, cli_chat.py)
+    add_chat_stages(tasks)  # sft and dpo (Chapter 10, cli_chat.py)
     c = tasks.add_parser(
         "classify",
         formatter_class=p.formatter_class,

@@ -2,7 +2,7 @@
 
 Part of the command line (`cli.py` registers this parser): `sample` loads a
 `buildllm train` checkpoint or GPT-2's Hugging Face weights and streams or batches
-completions (Chapter 6). The helpers that load a model and find its tokenizer serve
+completions (Chapter 7). The helpers that load a model and find its tokenizer serve
 `buildllm eval` (`cli_eval.py`) too.
 """
 

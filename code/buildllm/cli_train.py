@@ -1,7 +1,7 @@
 """The `buildllm train` and `buildllm plot` commands.
 
 Part of the command line (`cli.py` registers these parsers): `train` turns every field
-of `TrainConfig` into a flag and runs `Trainer.fit` (Chapters 5 and 7, also under
+of `TrainConfig` into a flag and runs `Trainer.fit` (Chapters 6 and 8, also under
 torchrun); `plot` draws a run's loss curves from its metrics.jsonl.
 """
 
@@ -102,7 +102,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         f"The gpt2-124m run is for GPUs: {tokens / 1e9:.1f}B tokens, about "
         f"{h100_hours:.0f} H100-hours at 40% MFU\n"
         f"({h100_hours / 8:.1f} h on 8 GPUs; an estimate from the FLOP count, see "
-        "Chapter 5), and per GPU\n"
+        "Chapter 6), and per GPU\n"
         f"{state_gb:.1f} GB for weights, gradients and AdamW state plus about "
         f"{act_gb:.0f} GB of activations at\n--batch-size {B} (halve it and double "
         "--grad-accum-steps if memory runs short).",

@@ -1,6 +1,6 @@
 """The corpora shipped in the package: Shakespeare's works and Python's standard library.
 
-Taught in Chapter 1 (Data and Tokenization). Both need no download and are the same
+Taught in Chapter 2 (Data and Tokenization). Both need no download and are the same
 bytes on every machine. "shakespeare" (the default) is the 42 plays and poems of
 Project Gutenberg's modern-spelling edition, cleaned by `corpus/make_shakespeare.py`,
 each with its title and its kind as the First Folio groups the plays (comedy, history,

@@ -1,7 +1,7 @@
 """Corpora, token files and batches: from text on disk to (inputs, targets) tensors.
 
-Taught in Chapter 1 (Data and Tokenization); Chapter 5 trains on `get_batch`, and
-Chapter 7's `shards.py` writes its shards with `write_tokens`. A token file is a
+Taught in Chapter 2 (Data and Tokenization); Chapter 6 trains on `get_batch`, and
+Chapter 8's `shards.py` writes its shards with `write_tokens`. A token file is a
 256-byte header, then the ids as little-endian `uint16` (vocab_size <= 65,536) or
 `uint32`. The header is the magic b"BLLMTOK1", then a UTF-8 JSON object padded with
 spaces: {"dtype": "uint16" | "uint32", "vocab_size": int | null, "tokenizer_hash":

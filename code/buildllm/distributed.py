@@ -1,6 +1,6 @@
 """Where training runs and what it reads: device, precision, processes, batches.
 
-Taught in Chapter 5 (Training, "Mixed precision" and "Scaling up"). `load_data` finds
+Taught in Chapter 6 (Training, "Mixed precision" and "Scaling up"). `load_data` finds
 a run's tokens and tokenizer; `BatchSource` hands each process its share of every
 step's global batch and remembers the data position for resuming. `torchrun
 --nproc_per_node=N` starts N copies of the same script and sets RANK, LOCAL_RANK and

@@ -1,6 +1,6 @@
 """Direct preference optimisation: learn from pairs of a better and a worse answer.
 
-Taught in Chapter 9 (Following Instructions). DPO (Rafailov et al. 2023,
+Taught in Chapter 10 (Following Instructions). DPO (Rafailov et al. 2023,
 arXiv:2305.18290) fits the policy to preferences without a reward model: the reward
 of an answer is beta times its log-probability ratio to a frozen reference model (the
 SFT model), and the loss is the logistic loss of the chosen answer's reward beating the

@@ -1,9 +1,9 @@
 """Measure a trained GPT: validation loss, perplexity, bits per byte, HellaSwag.
 
-Taught in Chapter 7 (Pretraining GPT-2 small). Validation loss is the mean next-token
+Taught in Chapter 8 (Pretraining GPT-2 small). Validation loss is the mean next-token
 cross-entropy over consecutive windows of held-out tokens; perplexity is its
 exponential; bits per byte divides it by ln 2 and by the bytes of text per token, a
-measure that compares across tokenizers (Chapter 5). HellaSwag (Zellers et al. 2019, arXiv:1905.07830) is scored as a
+measure that compares across tokenizers (Chapter 6). HellaSwag (Zellers et al. 2019, arXiv:1905.07830) is scored as a
 completion task, as llm.c and nanoGPT do: each of the four endings gets the
 log-likelihood of its own tokens after the context, and the ending with the highest
 *mean* token log-likelihood wins (`acc_norm`; `acc` uses the sum). The model is any

@@ -1,6 +1,6 @@
 """Decoding: from next-token logits to text, greedy to nucleus sampling, KV-cached.
 
-Taught in Chapter 6 (Generation), top to bottom: the logit filters (temperature, top-k,
+Taught in Chapter 7 (Generation), top to bottom: the logit filters (temperature, top-k,
 top-p, min-p, repetition penalty), one sampling step, the decoding loop with and without
 the KV cache, batched and streamed generation, and text streaming that decodes UTF-8
 split across tokens; `matvec_layout` (Appendix B) stores the weights for fast one-token

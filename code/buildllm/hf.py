@@ -1,6 +1,6 @@
 """Hugging Face GPT-2 checkpoints in and out of `buildllm.model.GPT`.
 
-Taught in Chapter 7 (pretraining). `load_hf_gpt2` reads GPT-2's published files (or any
+Taught in Chapter 8 (pretraining). `load_hf_gpt2` reads GPT-2's published files (or any
 `GPT2LMHeadModel` state dict) into our GPT; `export_hf` writes a folder that
 `transformers.GPT2LMHeadModel.from_pretrained` loads with the same logits. GPT-2 stores
 its projections in `Conv1D` modules, (in, out) where nn.Linear is (out, in): the loader

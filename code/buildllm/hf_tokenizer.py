@@ -1,6 +1,6 @@
 """Hugging Face tokenizer files for a `BPETokenizer`: export, and load GPT-2's back.
 
-Taught in Chapter 6 (Generation, "Hugging Face interop"), beside `hf.py`'s weights.
+Taught in Chapter 7 (Generation, "Hugging Face interop"), beside `hf.py`'s weights.
 `export_tokenizer_hf` writes GPT-2's `vocab.json` + `merges.txt` (bytes spelled with
 `bytes_to_unicode`) and a `tokenizer.json` carrying the pre-tokenization regex, so
 `transformers.AutoTokenizer` and `tokenizers.Tokenizer.from_file` encode id for id as

@@ -1,6 +1,6 @@
 """Instruction data you can check: tasks with exact answers, loaders, exact-match scores.
 
-Taught in Chapter 9 (Following Instructions). Every example is built by code, so its
+Taught in Chapter 10 (Following Instructions). Every example is built by code, so its
 answer is known exactly and accuracy needs no judge model: four tasks grounded in the
 embedded Shakespeare corpus (which play a line is from, who speaks it, the line that
 follows, a word spelled backwards) and three generic ones (count words, add numbers,

@@ -1,6 +1,6 @@
 """Low-rank adapters (LoRA): train a small update B·A beside each frozen weight.
 
-Taught in Chapter 8 (Classification). A LoRA layer computes W x + (alpha/r)·B A x
+Taught in Chapter 9 (Classification). A LoRA layer computes W x + (alpha/r)·B A x
 (eq-lora) with the pretrained W frozen, A (r, in) and B (out, r) trainable and B = 0 at
 the start, so the adapted model begins exactly equal to the base. After training the
 update folds into W (`merge_lora`) at no cost at inference, or stays apart so that one

@@ -1,6 +1,6 @@
 """Classification metrics and the baselines a fine-tuned model must beat.
 
-Taught in Chapter 8 (Classification). Accuracy, macro-F1 (the mean of the classes'
+Taught in Chapter 9 (Classification). Accuracy, macro-F1 (the mean of the classes'
 F1, so a small class counts as much as a large one), the confusion matrix and a
 percentile bootstrap 95 % interval (Efron & Tibshirani 1993) over the test examples.
 Baselines: always predicting the training set's most frequent class, and a

@@ -1,6 +1,6 @@
 """The GPT: configuration, presets, norms, MLP, transformer block, model and its counts.
 
-Taught in Chapter 2 (the architecture) and Chapter 4 (the transformer block). One
+Taught in Chapter 3 (the architecture) and Chapter 5 (the transformer block). One
 `GPTConfig` covers GPT-2 (LayerNorm, GELU, learned positions, biases, tied head) and a
 modern style (RMSNorm, SwiGLU, RoPE, no biases, untied head, grouped-query attention).
 Norms and activations call PyTorch's fused kernels (one op each, which matters when

@@ -1,6 +1,6 @@
 """What the Trainer minimises: the language-model objective and the protocol it follows.
 
-Taught in Chapter 5 (Training); Chapter 8 (Classification) plugs in another objective.
+Taught in Chapter 6 (Training); Chapter 9 (Classification) plugs in another objective.
 An objective hands the Trainer the micro-batches of each optimizer step and the loss of
 one micro-batch, fixed validation batches, and its data position for checkpoints, so
 one training loop (accumulation, clipping, schedule, AdamW, checkpoints, resume,
@@ -48,7 +48,7 @@ class Objective(Protocol):
 
 
 class LMObjective:
-    """Next-token prediction (Chapter 5): random windows of `data`, shifted loss.
+    """Next-token prediction (Chapter 6): random windows of `data`, shifted loss.
 
     Training batches come from `BatchSource`; validation takes `eval_steps` windows of
     the validation tokens drawn by a generator seeded with `seed` (every world_size-th

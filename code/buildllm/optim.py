@@ -1,6 +1,6 @@
 """Loss, optimizer, gradient clipping and learning-rate schedule: what makes GPT learn.
 
-Taught in Chapter 5 (Training), top to bottom: the next-token cross-entropy, AdamW
+Taught in Chapter 6 (Training), top to bottom: the next-token cross-entropy, AdamW
 written out (checked step for step against `torch.optim.AdamW`), the parameter groups
 that skip weight decay, global-norm clipping and linear warmup + cosine decay. Each
 written-out piece has a fast twin (`impl="fast"`) that calls PyTorch's fused kernels.
@@ -32,7 +32,7 @@ def cross_entropy(
     target's entry with `gather`; "fast" calls `F.cross_entropy`. Both compute in
     float32 whatever the logits' dtype, so a bf16 forward still gets an accurate loss.
     Targets equal to `ignore_index` (PyTorch's -100) are left out of the mean: the
-    prompt tokens of fine-tuning (Chapter 9); NaN if every target is ignored.
+    prompt tokens of fine-tuning (Chapter 10); NaN if every target is ignored.
 
     Shapes: logits (B, T, V), targets (B, T) int64 -> scalar; or (N, V) and (N,),
     e.g. the positions a classifier or a loss mask picked out.

@@ -1,6 +1,6 @@
 """Supervised fine-tuning: conversations in, the Trainer's objective out.
 
-Taught in Chapter 9 (Following Instructions). SFT is pretraining's loss on other data:
+Taught in Chapter 10 (Following Instructions). SFT is pretraining's loss on other data:
 each conversation is rendered by the chat template, the targets outside the assistant's
 turns are IGNORE_INDEX, and a micro-batch packs its conversations into rows of the
 context length, each attending only to itself (`chat.pack_batch`), or pads them on the

@@ -1,6 +1,6 @@
 """Pretraining data at web scale: fixed-size token shards, made in parallel, streamed.
 
-Taught in Chapter 7 (Pretraining GPT-2 small), top to bottom: the datasets we know how
+Taught in Chapter 8 (Pretraining GPT-2 small), top to bottom: the datasets we know how
 to fetch, reading documents from parquet/JSONL/text files a batch at a time, tokenizing
 them in worker processes, cutting the token stream into shards of exactly
 `shard_tokens` tokens (the first shard is the validation split) in data.py's token-file

@@ -1,6 +1,6 @@
 """Labelled text sets: Shakespeare passages by genre, and files a user brings.
 
-Taught in Chapter 8 (Classification). `genre_passages` cuts the embedded plays into
+Taught in Chapter 9 (Classification). `genre_passages` cuts the embedded plays into
 passages labelled with the First Folio's genre of their play (comedy, history,
 tragedy), split into train, validation and test *by play*, so that the names and
 phrases of a test play were never seen with a label. `read_labelled` reads CSV, TSV or

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer: encoding, special tokens, save/load, tiktoken export.
 
-Taught in Chapter 1 (Data and Tokenization), top to bottom. The algorithm is GPT-2's
+Taught in Chapter 2 (Data and Tokenization), top to bottom. The algorithm is GPT-2's
 (Radford et al. 2019): a regex splits text into pre-tokens, then byte-pair merges
 (Sennrich et al. 2016, arXiv:1508.07909) run inside each pre-token's UTF-8 bytes.
 `encode` ranks a pair by the position in `merges` of the merge that forms its bytes;

@@ -1,6 +1,6 @@
 """The training loop: batches, loss, backward, clipping, AdamW, evaluation, checkpoints.
 
-Taught in Chapter 5 (Training); Chapter 7 runs it at GPT-2 scale. One optimizer
+Taught in Chapter 6 (Training); Chapter 8 runs it at GPT-2 scale. One optimizer
 step draws a global batch, runs forward + shifted cross-entropy + backward on
 micro-batches (gradient accumulation, shared out over torchrun processes), clips the
 global gradient norm, sets the scheduled learning rate and steps AdamW. Around it: bf16

@@ -1,6 +1,6 @@
 """BPE vocabularies in other tools' forms: the interchange form and GPT-2's files.
 
-Taught in Chapter 1 (Data and Tokenization) with `tokenizer.py`, whose constructors
+Taught in Chapter 2 (Data and Tokenization) with `tokenizer.py`, whose constructors
 `BPETokenizer.from_vocab_and_merges` and `from_gpt2_files` read these forms. The
 interchange form of minbpe, Hugging Face and course assignments is {id: bytes} plus the
 merges as pairs of bytes in the order they apply; GPT-2's `encoder.json` and `vocab.bpe`
