@@ -352,3 +352,37 @@ def test_pages_log_no_errors(site, browser):
             errors[path] = page.errors
         page.close()
     assert not errors, errors
+
+
+# Chapters quick enough to run twice: their visible cells alone, as a reader types them.
+TYPED_CHAPTERS = ["index", "00-language-models", "01-tokenization", "02-architecture",
+                  "03-attention", "04-transformer-block"]
+DURATION = re.compile(r"\d+(\.\d+)?\s?(s|ms|seconds)\b")
+
+
+def printed(cell) -> str:
+    """What a cell printed to stdout, its timings masked (they differ from run to run)."""
+    text = "".join(o.get("text", "") for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+    return DURATION.sub("<duration>", text)
+
+
+@pytest.mark.parametrize("chapter", TYPED_CHAPTERS)
+def test_visible_cells_alone_print_what_the_book_prints(chapter):
+    """Run a chapter's visible cells only, in order, and compare with the built book."""
+    nbformat = pytest.importorskip("nbformat")
+    from myst_nb.core.read import read_myst_markdown_notebook
+    from nbclient import NotebookClient
+
+    built = ROOT / "_build" / "jupyter_execute" / "book" / f"{chapter}.ipynb"
+    assert built.exists(), f"{built} is missing: run `make pdf` first"
+    source = (ROOT / "book" / f"{chapter}.md").read_text(encoding="utf-8")
+    typed = read_myst_markdown_notebook(source)
+    typed.cells = [c for c in typed.cells if c.cell_type == "code"
+                   and "remove-cell" not in c.metadata.get("tags", [])]
+    NotebookClient(typed, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "book")}}).execute()
+    book = {c.source: printed(c) for c in nbformat.read(built, as_version=4).cells
+            if c.cell_type == "code"}
+    for cell in typed.cells:
+        assert printed(cell) == book[cell.source], f"{chapter}: the cell\n{cell.source}"
