@@ -1,12 +1,12 @@
 """Where training runs and what it reads: device, precision, processes, batches.
 
-Taught in Chapter 6 (Training, "Mixed precision" and "Scaling up"). `load_data` finds
-a run's tokens and tokenizer; `BatchSource` hands each process its share of every
-step's global batch and remembers the data position for resuming. `torchrun
---nproc_per_node=N` starts N copies of the same script and sets RANK, LOCAL_RANK and
-WORLD_SIZE; `init_distributed` reads them. DDP keeps a full model per process and
-averages gradients; FSDP (FSDP2's `fully_shard`) splits parameters, gradients and
-optimizer state over the processes.
+Taught in Chapter 6 (Training, "Mixed precision") and Chapter 8 (Pretraining, "One
+step on several GPUs"). `load_data` finds a run's tokens and tokenizer; `BatchSource`
+hands each process its share of every step's global batch and remembers the data
+position for resuming. `torchrun --nproc_per_node=N` starts N copies of the same script
+and sets RANK, LOCAL_RANK and WORLD_SIZE; `init_distributed` reads them. DDP keeps a
+full model per process and averages gradients; FSDP (FSDP2's `fully_shard`) splits
+parameters, gradients and optimizer state over the processes.
 References: Li et al. 2020 (arXiv:2006.15704, DDP); Zhao et al. 2023 (arXiv:2304.11277,
 FSDP); Rajbhandari et al. 2020 (arXiv:1910.02054, ZeRO).
 """
