@@ -1,10 +1,12 @@
 """The code a reader sees in a chapter runs on its own, typed in order.
 
 A chapter's hidden cells (tag `remove-cell`) hold the build's bookkeeping: `glue` for
-the numbers in the prose, figure settings, seeds. A reader who types the visible cells
-must not need them, so every name a visible cell reads must be bound by that cell or
-an earlier visible one (or be a builtin), and no visible cell calls `glue`. Checked
-statically with `ast`, without running the chapter.
+the numbers in the prose, figure settings. A reader who types the visible cells must
+not need them, so every name a visible cell reads must be bound by that cell or an
+earlier visible one (or be a builtin), no visible cell calls `glue`, and no hidden cell
+sets or draws from the random state, which would change what the visible cells after
+it compute. Checked statically with `ast`, without running the chapter;
+`test_book.py` runs the quick chapters' visible cells and compares what they print.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "book").glob("*.md"))
 IPYTHON_NAMES = {"display", "get_ipython"}  # what a Jupyter kernel provides
+# Calls that set or draw from torch's global random state.
+RANDOM_STATE = {"manual_seed", "seed", "rand", "randn", "randint", "randperm",
+                "multinomial"}
 
 
 def code_cells(path: Path) -> list[tuple[bool, str]]:
@@ -91,3 +96,34 @@ def test_the_checker_finds_a_name_bound_only_in_a_hidden_cell(tmp_path):
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
 def test_visible_cells_need_nothing_from_hidden_ones(path):
     assert unbound_reads(path) == []
+
+
+def random_state_calls(path: Path) -> list[str]:
+    """Return 'hidden cell K: calls' for each hidden cell touching the random state."""
+    problems = []
+    hidden_cells = [src for visible, src in code_cells(path) if not visible]
+    for k, source in enumerate(hidden_cells, 1):
+        calls = {
+            node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+        }
+        if calls & RANDOM_STATE:
+            problems.append(f"hidden cell {k}: {sorted(calls & RANDOM_STATE)}")
+    return problems
+
+
+def test_the_checker_finds_a_seed_in_a_hidden_cell(tmp_path):
+    chapter = tmp_path / "chapter.md"
+    chapter.write_text(
+        "# T\n\n```{code-cell} ipython3\n:tags: [remove-cell]\n"
+        "import torch; torch.manual_seed(0)\n```\n",
+        encoding="utf-8",
+    )
+    assert random_state_calls(chapter) == ["hidden cell 1: ['manual_seed']"]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_hidden_cells_leave_the_random_state_alone(path):
+    assert random_state_calls(path) == []
