@@ -38,6 +38,7 @@ FONT_CSS = [
     "@fontsource/iosevka/400.css",
     "@fontsource/iosevka/700.css",
 ]
+LONG_INLINE_CODE = 24  # characters: inline code this long makes its paragraph ragged
 WEB_ONLY = {"API reference"}  # parts of _toc.yml the PDF leaves out
 
 
@@ -176,6 +177,19 @@ def wrap_code(soup: BeautifulSoup, article: Tag) -> None:
             if not tokens:
                 line.append(NavigableString("\u200b"))  # keep empty lines' height
             pre.append(line)
+
+
+def ragged_beside_long_code(article: Tag) -> None:
+    """Set paragraphs with long inline code ragged-right.
+
+    Inline code breaks only at its spaces, so a justified line that holds a long piece
+    of it stretches its other spaces into rivers; a ragged line does not.
+    """
+    for code in article.select("p code.literal, li code.literal"):
+        if len(code.get_text()) >= LONG_INLINE_CODE:
+            block = code.find_parent(["p", "li"])
+            if "ragged" not in block.get("class", []):
+                block["class"] = [*block.get("class", []), "ragged"]
 
 
 def font_coverage() -> dict[str, set[int]]:
@@ -428,6 +442,7 @@ def assemble(html_dir: Path, toc_file: Path, config: dict) -> str:
         article = load_article(html_dir, doc)
         relink(article, keys[doc], doc, keys)
         wrap_code(soup, article)
+        ragged_beside_long_code(article)
         wrap_uncovered(soup, article, coverage)
         chapters.append((keys[doc], article, part))
     render_math(soup, [a for _, a, _ in chapters])
