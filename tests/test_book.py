@@ -393,3 +393,34 @@ def test_visible_cells_alone_print_what_the_book_prints(chapter):
     book = {c.source: printed(c) for c in built.cells if c.cell_type == "code"}
     for cell in typed.cells:
         assert printed(cell) == book[cell.source], f"{chapter}: the cell\n{cell.source}"
+
+
+# Figures the book states in more than one place, each found by a pattern in the PDF's
+# text: all statements must agree (to the precision of the coarser one).
+STATED_TWICE = {
+    "GPT-2 small's parameter count": r"\b(124,\d{3},\d{3}) parameters",
+    "the 124M recipe's H100-hours": r"about ([\d.]+) H100-hours",
+    "GPT-2's published validation loss": r"validation loss of (?:about )?(3\.\d+)",
+    "gzip's bits per byte": r"gzip[^.]{0,80}?(\d\.\d+)",
+    "the unigram model's bits per byte": r"(?:unigram|each byte occurs)[^.]{0,100}?"
+                                         r"(\d\.\d+) bits per byte",
+}
+
+
+def agree(a: str, b: str) -> bool:
+    """Whether two printed numbers agree to the decimals of the coarser one."""
+    decimals = min(len(x.partition(".")[2]) for x in (a, b))
+    x, y = (float(v.replace(",", "")) for v in (a, b))
+    return round(x, decimals) == round(y, decimals)
+
+
+@pytest.mark.parametrize("fact", STATED_TWICE)
+def test_figures_stated_twice_agree(pdf_text, fact):
+    values = re.findall(STATED_TWICE[fact], re.sub(r"\s+", " ", pdf_text))
+    assert len(values) >= 2, f"{fact}: stated {len(values)} times; update the pattern"
+    assert all(agree(values[0], v) for v in values), f"{fact}: {values}"
+
+
+def test_agree_compares_at_the_coarser_precision():
+    assert agree("3.152", "3.15") and agree("124,439,808", "124,439,808")
+    assert not agree("3.16", "3.152") and not agree("6.0", "6.1")
