@@ -327,17 +327,17 @@ def build_stamp() -> str:
 
 def copyright_page(soup: BeautifulSoup, config: dict) -> Tag:
     """The back of the title page: copyright, licence, version and where the code is."""
-    meta = importlib.metadata.metadata("buildllm")
+    meta, today = importlib.metadata.metadata("buildllm"), datetime.date.today()
     page = soup.new_tag("section", attrs={"class": "copyright-page"})
     for text in [
         f"{config.get('title', '')}, version {meta['Version']}, "
-        f"{build_stamp()} on {datetime.date.today():%d %B %Y}.",
+        f"{build_stamp()} on {today.day} {today:%B %Y}.",
         f"© {config.get('copyright', '')} {config.get('author', '')}. The text and the "
         f"code are released under the {meta['License-Expression']} licence.",
         "Every listing is code of the Python package buildllm, in the folder "
-        "code/buildllm of the book's repository: pip install -e . in a clone installs "
+        "code/buildllm of the book’s repository: pip install -e . in a clone installs "
         "it, make test runs its tests and make pdf rebuilds this book from it, website "
-        "and PDF, running every chapter's code again.",
+        "and PDF, running every chapter’s code again.",
         "Typeset with WeasyPrint in Source Serif 4, Source Sans 3 and Iosevka; "
         "formulas drawn by MathJax.",
     ]:
